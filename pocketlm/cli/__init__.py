@@ -1,0 +1,59 @@
+"""The `pocketlm` command line: one module per subcommand, each with `register(subparsers)`.
+
+Every subcommand module defines `register(subparsers)`, which adds its parser and sets
+`func=run` on it. User mistakes raise `UserError`; main() prints them on one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pocketlm.errors import UserError
+
+# Order is the order of `pocketlm --help`.
+COMMAND_MODULES = [
+    "demo",
+    "models",
+    "prepare",
+    "pretrain",
+    "finetune",
+    "generate",
+    "eval",
+    "export",
+    "merge",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pocketlm",
+        description="Build, adapt, compress, evaluate and compare small GPT-style language models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"pocketlm.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"pocketlm.cli.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        sys.exit(2)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"pocketlm {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"pocketlm {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,59 @@
+"""Device and precision selection: cuda, then mps, then cpu, unless the user says otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from pocketlm.errors import UserError
+
+
+def pick_device(requested: str | None = "auto") -> torch.device:
+    if requested in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {requested!r} asked for, but CUDA is not available here: use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {requested!r} asked for, but MPS is not available here: use --device cpu")
+    return device
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass: bf16 keeps fp32 master weights and optimizer state."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 where the hardware runs it natively, else fp32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: device memory on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    except ImportError:  # pragma: no cover - Windows
+        return 0

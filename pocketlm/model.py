@@ -1,0 +1,352 @@
+"""The whole decoder-only transformer in one file: GPT-2 and Llama-family models, with a KV cache.
+
+One implementation, two families chosen by `ModelConfig.family`:
+- "gpt2":  learned position embeddings, LayerNorm, fused QKV (`c_attn`), GELU MLP, biases.
+- "llama": rotary position embeddings, RMSNorm, separate q/k/v/o projections with grouped-query
+           attention, SwiGLU MLP, no biases.
+
+Module names follow Hugging Face GPT-2 (`transformer.h.N.attn.c_attn`, ...) so that checkpoints and
+PEFT adapters need no renaming; for Llama the leaf names follow Hugging Face Llama (`q_proj`,
+`gate_proj`, ...) and `pocketlm.hf` maps the `model.layers.N.self_attn` prefix. Linear weights are
+stored as nn.Linear does, (out, in); GPT-2's Conv1D layout is transposed only at the HF boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pocketlm.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "custom"
+    family: str = "gpt2"  # "gpt2" or "llama"
+    vocab_size: int = 50257  # tokens the tokenizer can produce
+    padded_vocab_size: int | None = None  # embedding rows; a multiple of 64 is faster on GPUs
+    block_size: int = 1024  # longest context
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention; None means n_head
+    n_embd: int = 768
+    intermediate_size: int | None = None  # MLP width; None means 4 * n_embd
+    bias: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    tokenizer: str = "gpt2"  # a built-in tokenizer name, or the path it was loaded from
+    extra: dict = field(default_factory=dict)  # family-specific metadata kept on round trips
+
+    def __post_init__(self) -> None:
+        if self.family not in ("gpt2", "llama"):
+            raise UserError(f"unknown model family {self.family!r}: pocketlm implements gpt2 and llama")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise UserError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            raise UserError("padded_vocab_size must be at least vocab_size")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.intermediate_size or 4 * self.n_embd
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.padded_vocab_size or self.vocab_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown model config keys {unknown}: valid keys are {sorted(known)}")
+        return cls(**data)
+
+
+def _gpt2(name: str, n_layer: int, n_head: int, n_embd: int, block_size: int = 1024) -> ModelConfig:
+    return ModelConfig(name=name, family="gpt2", n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                       block_size=block_size)
+
+
+def _llama(name: str, *, n_layer: int, n_head: int, n_kv_head: int, n_embd: int, intermediate_size: int,
+           vocab_size: int, block_size: int, rope_theta: float, tokenizer: str, tie: bool = True,
+           norm_eps: float = 1e-5) -> ModelConfig:
+    return ModelConfig(name=name, family="llama", vocab_size=vocab_size, block_size=block_size,
+                       n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+                       intermediate_size=intermediate_size, bias=False, norm_eps=norm_eps,
+                       rope_theta=rope_theta, tie_embeddings=tie, tokenizer=tokenizer)
+
+
+# Named configs. The GPT-2 sizes are OpenAI's; the small ones are sized for a 2-core CPU.
+CONFIGS: dict[str, ModelConfig] = {
+    c.name: c
+    for c in [
+        _gpt2("gpt2", 12, 12, 768),
+        _gpt2("gpt2-medium", 24, 16, 1024),
+        _gpt2("gpt2-large", 36, 20, 1280),
+        _gpt2("gpt2-xl", 48, 25, 1600),
+        _gpt2("gpt2-tiny", 4, 4, 128, block_size=256),  # tests and quick runs
+        _gpt2("gpt2-mini", 6, 6, 384, block_size=512),  # the CPU demo size
+        _llama("smollm2-135m", n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+               vocab_size=49152, block_size=8192, rope_theta=100000.0, tokenizer="smollm2"),
+        _llama("smollm2-360m", n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560,
+               vocab_size=49152, block_size=8192, rope_theta=100000.0, tokenizer="smollm2"),
+        _llama("smollm-135m", n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+               vocab_size=49152, block_size=2048, rope_theta=10000.0, tokenizer="smollm2"),
+    ]
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    if name not in CONFIGS:
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(CONFIGS)} (see `pocketlm models`)")
+    return replace(CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm, computed in fp32 as Hugging Face does, so logits match in every precision."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _norm(config: ModelConfig) -> nn.Module:
+    if config.family == "llama":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: ModelConfig, length: int, device: torch.device | None = None):
+    """cos and sin of rotary embeddings, (length, head_dim), in Hugging Face's rotate-half layout."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    Generation feeds the prompt once, then one token at a time; each step reads the cache instead of
+    recomputing attention over the whole prefix.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype) -> None:
+        shape = (batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.pos = 0  # positions filled so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.pos, self.pos + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (e.g. samples that have not stopped)."""
+        self.k = [t[index] for t in self.k]
+        self.v = [t[index] for t in self.v]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, hd = config.n_embd, config.head_dim
+        if config.family == "gpt2":
+            self.c_attn = nn.Linear(d, 3 * d, bias=config.bias)
+            self.c_proj = nn.Linear(d, d, bias=config.bias)
+        else:
+            self.q_proj = nn.Linear(d, config.n_head * hd, bias=config.bias)
+            self.k_proj = nn.Linear(d, config.kv_heads * hd, bias=config.bias)
+            self.v_proj = nn.Linear(d, config.kv_heads * hd, bias=config.bias)
+            self.o_proj = nn.Linear(config.n_head * hd, d, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None, layer: int) -> torch.Tensor:
+        cfg = self.config
+        B, T, _ = x.shape
+        if cfg.family == "gpt2":
+            q, k, v = self.c_attn(x).split(cfg.n_embd, dim=2)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = k.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        past = cache.pos if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if past == 0:
+            mask, causal = None, True
+        elif T == 1:
+            mask, causal = None, False  # one new token sees every cached position
+        else:  # a chunk appended to a filled cache: row i sees positions <= past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=cfg.dropout if self.training else 0.0,
+            enable_gqa=cfg.kv_heads != cfg.n_head,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, cfg.n_head * cfg.head_dim)
+        out = self.c_proj(y) if cfg.family == "gpt2" else self.o_proj(y)
+        return self.resid_dropout(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.family = config.family
+        d, width = config.n_embd, config.mlp_width
+        if config.family == "gpt2":
+            self.c_fc = nn.Linear(d, width, bias=config.bias)
+            self.c_proj = nn.Linear(width, d, bias=config.bias)
+        else:
+            self.gate_proj = nn.Linear(d, width, bias=config.bias)
+            self.up_proj = nn.Linear(d, width, bias=config.bias)
+            self.down_proj = nn.Linear(width, d, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.family == "gpt2":
+            return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = _norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = _norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, cache, layer):
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        modules = dict(
+            wte=nn.Embedding(config.embedding_rows, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=_norm(config),
+        )
+        if config.family == "gpt2":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.embedding_rows, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 * layers) so the residual stream's variance
+        # does not grow with depth.
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> GPT:
+        return cls(get_config(name, **overrides))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Unique parameters (a tied embedding counts once), as Hugging Face counts them."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def _rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + length
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < end or self._rope_cache[0].device != device:
+            size = max(end, min(self.config.block_size, 4096))
+            self._rope_cache = rope_tables(self.config, size, device)
+        cos, sin = self._rope_cache
+        return cos[start:end], sin[start:end]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size), and the mean cross-entropy if `targets` (-100 = ignore) are given."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise UserError(
+                f"sequence of {start + T} tokens is longer than the model's context of "
+                f"{self.config.block_size}: shorten the prompt or lower --max-new-tokens"
+            )
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.family == "gpt2":
+            pos = torch.arange(start, start + T, device=idx.device)
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = self._rope(start, T, idx.device)
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        if targets is None and cache is not None:
+            x = x[:, -1:, :]  # generation needs only the last position's logits
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # drop padding rows
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.transformer.wte.weight
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, dtype)
