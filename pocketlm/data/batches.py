@@ -1,0 +1,101 @@
+"""Token shards -> training windows -> batches, as a pure function of (seed, context, position).
+
+A split is read through numpy memory maps, so a corpus larger than memory trains. The token stream of
+each shard is cut into non-overlapping windows of `context + 1` tokens (inputs and shifted targets).
+Every epoch visits all windows once in an order shuffled by (seed, epoch, context). Window number `g`
+of the whole run is window `g % n` of epoch `g // n`: the data position is a single integer, so resuming
+(and splitting a global batch across ranks) needs no loader state beyond it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pocketlm.errors import UserError
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.exists():
+        raise UserError(f"{data_dir} is not a prepared data set (no manifest.json): run `pocketlm prepare SOURCE "
+                        f"--out {data_dir}` first")
+    manifest = json.loads(path.read_text())
+    if not str(manifest.get("format", "")).startswith("pocketlm.tokens"):
+        raise UserError(f"{path} is not a pocketlm token manifest: run `pocketlm prepare` to make one")
+    return manifest
+
+
+class TokenSplit:
+    """One split (train or val) of a prepared data set, memory-mapped."""
+
+    def __init__(self, data_dir: str | Path, split: str) -> None:
+        self.dir = Path(data_dir)
+        self.manifest = read_manifest(self.dir)
+        if split not in self.manifest["splits"]:
+            raise UserError(f"{data_dir} has no {split!r} split (it has {', '.join(self.manifest['splits'])})")
+        info = self.manifest["splits"][split]
+        dtype = np.dtype(self.manifest["dtype"])
+        self.shards = []
+        for shard in info["shards"]:
+            path = self.dir / shard["file"]
+            if not path.exists():
+                raise UserError(f"shard {path} is missing: re-run `pocketlm prepare`")
+            if shard["tokens"]:
+                self.shards.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["tokens"],)))
+        self.split = split
+        self.tokens = sum(len(s) for s in self.shards)
+        self.bytes = info.get("bytes")
+
+    @property
+    def tokenizer_identity(self) -> str:
+        return self.manifest["tokenizer"]["identity"]
+
+    def num_windows(self, context: int) -> int:
+        return sum((len(s) - 1) // context for s in self.shards)
+
+    def window_counts(self, context: int) -> list[int]:
+        return [(len(s) - 1) // context for s in self.shards]
+
+
+class Batches:
+    """Windows of `context` tokens from a split: shuffled epochs for training, sequential for evaluation."""
+
+    def __init__(self, split: TokenSplit, context: int, seed: int, shuffle: bool = True) -> None:
+        self.split, self.context, self.seed, self.shuffle = split, context, seed, shuffle
+        counts = split.window_counts(context)
+        self.n = sum(counts)
+        if self.n == 0:
+            raise UserError(
+                f"the {split.split} split of {split.dir} has {split.tokens} tokens, fewer than one window of "
+                f"{context + 1}: lower --context, or prepare more data (or a larger validation fraction)"
+            )
+        self.starts = np.cumsum([0] + counts).tolist()  # first global window index of each shard
+        self._epoch, self._order = -1, None
+
+    def _order_for(self, epoch: int) -> torch.Tensor | None:
+        if not self.shuffle:
+            return None
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(hash((self.seed, epoch, self.context)) & 0x7FFF_FFFF_FFFF_FFFF)
+            self._order, self._epoch = torch.randperm(self.n, generator=g), epoch
+        return self._order
+
+    def _window(self, i: int) -> np.ndarray:
+        shard = bisect.bisect_right(self.starts, i) - 1
+        offset = (i - self.starts[shard]) * self.context
+        return self.split.shards[shard][offset: offset + self.context + 1]
+
+    def get(self, position: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, (count, context) each, for global windows position .. position+count-1."""
+        rows = []
+        for g in range(position, position + count):
+            epoch, i = divmod(g, self.n)
+            order = self._order_for(epoch)
+            rows.append(self._window(int(order[i]) if order is not None else i))
+        block = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return block[:, :-1], block[:, 1:]
