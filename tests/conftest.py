@@ -29,3 +29,22 @@ def _deterministic_threads():
     # Tests compare numbers across runs: a fixed thread count keeps CPU reductions reproducible.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory, shared_data) -> Path:
+    """The first 60,000 characters of tiny Shakespeare: enough for a few hundred windows."""
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:60_000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_text) -> Path:
+    """tiny_text prepared with GPT-2's tokenizer (90/10 split by characters)."""
+    from pocketlm.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare(tiny_text, out, tokenizer="gpt2", val_fraction=0.1, min_val_tokens=65, progress=False,
+            log=lambda _msg: None)
+    return out

