@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"pocketlm {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # e.g. `pocketlm models | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        sys.exit(0)
     except KeyboardInterrupt:
         print(f"pocketlm {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)

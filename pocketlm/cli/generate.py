@@ -1,0 +1,120 @@
+"""`pocketlm generate SOURCE`: sample completions of a prompt, streaming the first one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pocketlm.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="sample text from a model",
+        description="Sample completions of a prompt with a KV cache. SOURCE is a run directory, a model "
+        "folder or a built-in base name. The prompt comes from --prompt, --prompt-file, or stdin when it is "
+        "piped (one trailing newline of a file or stdin is dropped); with none, sampling starts from the "
+        "start/end-of-text token. The first sample is streamed; "
+        "tokens/s go to stderr.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="run directory, model folder, or base model name")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", type=Path, help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per sample (128)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample at this text (cut before it); repeatable")
+    p.add_argument("--num-samples", type=int, default=1, help="completions to sample, as one batch (1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto)")
+    p.add_argument("--adapter", type=Path, default=None, metavar="DIR", help="apply a LoRA adapter folder")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT",
+                   help="also write prompt, settings, samples and timings to this JSON file")
+    p.set_defaults(func=run)
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        try:
+            text = args.prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read --prompt-file {args.prompt_file}: {exc}") from exc
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        return ""
+    # Editors and `echo` end the text with one newline the user did not mean as part of the prompt.
+    return text[:-1] if text.endswith("\n") else text
+
+
+def run(args: argparse.Namespace) -> None:
+    from pocketlm.generate import SamplingSettings, run_generation
+
+    # Settings first: a bad flag fails before a model is loaded.
+    settings = SamplingSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop=list(args.stop), num_samples=args.num_samples,
+        seed=args.seed,
+    )
+    if args.adapter is not None and not args.adapter.is_dir():
+        raise UserError(f"--adapter {args.adapter} is not a folder: give the adapter folder a LoRA run saved")
+    prompt = _read_prompt(args)
+
+    from pocketlm.checkpoint import load_model
+    from pocketlm.device import pick_device
+
+    device = pick_device(args.device)
+    model, tokenizer = load_model(args.source, device)
+    if args.adapter is not None:
+        from pocketlm.lora import load_adapter  # only LoRA users pay for importing it
+
+        load_adapter(model, args.adapter)  # wraps the target layers in place
+        model.to(device)  # the adapter's weights may have been created on the CPU
+    model.eval()
+    if not prompt:
+        print("pocketlm generate: no prompt given: sampling unconditionally", file=sys.stderr)
+
+    n = settings.num_samples
+    out = sys.stdout
+    if n > 1:
+        out.write(f"===== sample 1/{n} =====\n")
+
+    def stream(index: int, piece: str) -> None:
+        if index == 0:
+            out.write(piece)
+            out.flush()
+
+    result = run_generation(model, tokenizer, prompt, settings, on_text=stream)
+    out.write("\n")
+    for i, text in enumerate(result.texts[1:], start=2):
+        out.write(f"===== sample {i}/{n} =====\n{text}\n")
+    out.flush()
+    total = sum(result.new_tokens)
+    print(f"pocketlm generate: {total} tokens in {result.seconds:.2f}s ({result.tokens_per_s:.1f} tokens/s; "
+          f"prompt {result.prompt_tokens} tokens, first token after {result.first_token_seconds:.2f}s) "
+          f"on {device}", file=sys.stderr)
+    if args.json is not None:
+        from dataclasses import asdict
+
+        from pocketlm.checkpoint import atomic_write_json
+
+        atomic_write_json(args.json, {
+            "source": str(args.source),
+            "adapter": str(args.adapter) if args.adapter else None,
+            "prompt": prompt,
+            "settings": asdict(settings),
+            "samples": result.texts,
+            "new_tokens": result.new_tokens,
+            "prompt_tokens": result.prompt_tokens,
+            "seconds": result.seconds,
+            "tokens_per_s": result.tokens_per_s,
+            "device": str(device),
+        })
