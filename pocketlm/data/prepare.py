@@ -1,0 +1,358 @@
+"""Corpus -> token shards + manifest (`pocketlm prepare`). The format is in ARCHITECTURE.md.
+
+Two streaming passes over the source: the first counts documents (so the train/val split is an exact,
+seeded choice of documents) and hashes the files; the second tokenizes chunks of document pieces,
+in a background thread (tokenizers' encode_batch is multithreaded in Rust) or in worker processes,
+and appends the ids to shards of at most `shard_tokens` tokens, written under their final names.
+manifest.json is written last and atomically: a prepare that dies leaves no manifest, so nothing
+reads half a data set.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import multiprocessing
+import os
+import random
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tqdm import tqdm
+
+from pocketlm.data.sources import Corpus, Piece
+from pocketlm.errors import UserError
+from pocketlm.tokenizer import Tokenizer, load_tokenizer
+
+FORMAT = "pocketlm.tokens.v1"
+SPLITS = ("train", "val")
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_MIN_VAL_TOKENS = 1025  # one window of the default 1024-token context, plus its shifted target
+DEFAULT_WORKERS = 1  # measured on 2 cores: one process with encode_batch's Rust threads beats worker processes
+PIECE_CHARS = 1 << 15  # long documents are tokenized in pieces of about this many characters...
+CHUNK_CHARS = 1 << 20  # ...and pieces are handed to the tokenizer in batches of about this many
+PROGRESS_BYTES = 16 << 20  # show a progress bar for sources larger than this
+_SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
+
+# Text pairs cut the way sources.cut_point cuts. A tokenizer that encodes each pair like its
+# concatenation (byte-level BPE does; a SentencePiece "prepend ▁" normalizer does not) can take long
+# documents in pieces; any other gets whole documents.
+_CUT_PROBES = [("Hello", " world"), ("end.", "\nNext line"), ("x", " 123"), ("Ünïcödé", " tëxt"),
+               ("a", "\n'tis"), ("said", ' "no"'), ("tab\there", " and"), ("你好", " 世界"), ("<p>", " 42%")]
+
+
+def pieces_are_exact(tokenizer: Tokenizer) -> bool:
+    return all(tokenizer.encode(a + b) == tokenizer.encode(a) + tokenizer.encode(b) for a, b in _CUT_PROBES)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+# -- tokenizing: in a thread or in worker processes -----------------------------------------------------
+_worker_backend: HFTokenizer | None = None
+
+
+def _encode(backend: HFTokenizer, texts: list[str], dtype: str) -> list[tuple[np.ndarray, int]]:
+    """Token ids and UTF-8 byte counts of each text."""
+    encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+    return [(np.asarray(e.ids, dtype=dtype), len(t.encode("utf-8"))) for e, t in zip(encodings, texts)]
+
+
+def _worker_init(tokenizer_json: str) -> None:
+    global _worker_backend
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism: one thread each
+    _worker_backend = HFTokenizer.from_str(tokenizer_json)
+
+
+def _worker_encode(texts: list[str], dtype: str) -> list[tuple[np.ndarray, int]]:
+    assert _worker_backend is not None
+    return _encode(_worker_backend, texts, dtype)
+
+
+def _executor(tokenizer: Tokenizer, workers: int) -> tuple[Executor, Callable[[list[str], str], Future]]:
+    if workers <= 1:  # encode_batch releases the GIL: reading the next chunk overlaps tokenizing this one
+        pool: Executor = ThreadPoolExecutor(1)
+        return pool, lambda texts, dtype: pool.submit(_encode, tokenizer.backend, texts, dtype)
+    # spawn, not fork: a forked child of a process whose Rust thread pool already ran may deadlock.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(tokenizer.backend.to_str(),))
+    return pool, lambda texts, dtype: pool.submit(_worker_encode, texts, dtype)
+
+
+# -- shards ---------------------------------------------------------------------------------------------
+class ShardWriter:
+    """Appends token ids to DIR/<split>_NNNNNN.bin, starting a new file every shard_tokens tokens."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, written: list[Path]) -> None:
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.written = written  # every file created, so a failed prepare can remove them
+        self.shards: list[dict] = []
+        self.file = None
+        self.tokens = self.documents = self.bytes = 0
+
+    def _next_shard(self) -> None:
+        self._close_file()
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        self.written.append(self.out / name)
+        self.file = open(self.out / name, "wb")  # closed in _close_file
+        self.shards.append({"file": name, "tokens": 0})
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self.file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._next_shard()
+            take = min(len(ids), self.shard_tokens - self.shards[-1]["tokens"])
+            self.file.write(ids[:take].astype(self.dtype, copy=False).tobytes())
+            self.shards[-1]["tokens"] += take
+            self.tokens += take
+            ids = ids[take:]
+
+    def _close_file(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())  # on disk before the manifest that names it
+            self.file.close()
+            self.file = None
+
+    def close(self) -> dict:
+        self._close_file()
+        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents, "bytes": self.bytes}
+
+
+# -- the split ------------------------------------------------------------------------------------------
+def _plan_split(documents: int, chars: int, val_fraction: float | None, val_documents: int | None,
+                seed: int) -> tuple[str, set[int], int | None]:
+    """(mode, validation document indices, character cut). One document is split by characters."""
+    if val_documents is not None:
+        if documents == 1:
+            raise UserError("--val-documents needs a corpus of several documents, and this one is a single "
+                            "document: use --val-fraction (the last part of the text becomes validation)")
+        if not 1 <= val_documents < documents:
+            raise UserError(f"--val-documents {val_documents} must be between 1 and {documents - 1}: the corpus "
+                            f"has {documents} documents and training needs at least one")
+        count = val_documents
+    else:
+        fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        if not 0 <= fraction < 1:
+            raise UserError(f"--val-fraction {fraction} must be at least 0 and below 1")
+        if fraction == 0:
+            return "documents", set(), None
+        if documents == 1:
+            return "characters", set(), int(chars * (1 - fraction))
+        count = min(documents - 1, max(1, round(fraction * documents)))
+    return "documents", set(random.Random(seed).sample(range(documents), count)), None
+
+
+def _assign(pieces: Iterable[Piece], mode: str, val: set[int], cut: int | None) -> Iterator[tuple[str, str, bool]]:
+    """(split, text, end_of_document) for every piece."""
+    if mode == "documents":
+        index = 0
+        for text, end in pieces:
+            yield ("val" if index in val else "train"), text, end
+            index += end
+        return
+    assert cut is not None
+    offset, split = 0, "train"
+    for text, end in pieces:
+        if split == "train" and offset + len(text) > cut:
+            local = cut - offset
+            newline = text.find("\n", local)  # validation starts at a line start where there is one
+            local = newline + 1 if newline >= 0 else local
+            yield "train", text[:local], True
+            split, text = "val", text[local:]
+        offset += len(text)
+        yield split, text, end
+
+
+def _chunks(items: Iterable[tuple[str, str, bool]], chunk_chars: int) -> Iterator[list[tuple[str, str, bool]]]:
+    chunk, size = [], 0
+    for item in items:
+        chunk.append(item)
+        size += len(item[1])
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _clear_outputs(out: Path) -> None:
+    """Remove an old manifest first (so a crash from here on leaves none), then old shards."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder for the data set")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    for old in out.iterdir():
+        if _SHARD_NAME.match(old.name):
+            old.unlink()
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    # Same as pocketlm.checkpoint.atomic_write_json, which imports torch (seconds of start-up here).
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Tokenizer = "gpt2",
+            val_fraction: float | None = None, val_documents: int | None = None, seed: int = 1337,
+            delimiter: str | None = None, delimiter_regex: str | None = None, text_field: str | None = None,
+            column: str | None = None, workers: int = DEFAULT_WORKERS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+            min_val_tokens: int = DEFAULT_MIN_VAL_TOKENS, progress: bool | None = None,
+            log: Callable[[str], None] = _stderr, piece_chars: int = PIECE_CHARS,
+            chunk_chars: int = CHUNK_CHARS) -> dict:
+    """Tokenize SOURCE into DIR (= out): shards, tokenizer files, manifest.json. Returns the manifest."""
+    if val_fraction is not None and val_documents is not None:
+        raise UserError("give --val-fraction or --val-documents, not both")
+    if shard_tokens < 1:
+        raise UserError(f"--shard-tokens must be at least 1 (got {shard_tokens})")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1 (got {workers})")
+    corpus = Corpus(source, delimiter=delimiter, delimiter_regex=delimiter_regex, text_field=text_field,
+                    column=column)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    if tok.eos_id is None:
+        raise UserError(f"tokenizer {tok.name!r} has no end-of-text token to separate documents with: "
+                        "choose another --tokenizer")
+    dtype = token_dtype(tok.vocab_size)
+    cuttable = piece_chars if pieces_are_exact(tok) else None
+    show = corpus.total_bytes > PROGRESS_BYTES if progress is None else progress
+
+    # Pass 1: count documents (and characters, for a one-document corpus); hash the files.
+    documents = chars = 0
+    with tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc="reading", disable=not show,
+              file=sys.stderr, leave=False) as bar:
+        for piece in corpus.pieces(cuttable):
+            documents += piece.end
+            chars += len(piece.text) if documents <= 1 else 0
+            bar.update(corpus.bytes_read[0] - bar.n)
+    if documents == 0:
+        raise UserError(f"no text in {corpus.source}: {len(corpus.files)} file(s) read and every document is "
+                        "empty (check the file, --text-field/--column, or the delimiter)")
+    hashes = [f.record() for f in corpus.files]
+    mode, val, cut = _plan_split(documents, chars, val_fraction, val_documents, seed)
+
+    # Pass 2: tokenize and write.
+    out = Path(out)
+    _clear_outputs(out)
+    written: list[Path] = []
+    writers = {s: ShardWriter(out, s, dtype, shard_tokens, written) for s in SPLITS}
+    eot = np.array([tok.eos_id], dtype=dtype)
+    pool, submit = _executor(tok, workers)
+    pending: collections.deque[tuple[list, Future]] = collections.deque()
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            items, future = pending.popleft()
+            for (split, _, end), (ids, nbytes) in zip(items, future.result()):
+                writer = writers[split]
+                writer.write(ids)
+                writer.bytes += nbytes
+                if end:
+                    writer.write(eot)
+                    writer.documents += 1
+            bar.update(corpus.bytes_read[0] - bar.n)
+
+    try:
+        with pool, tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                        disable=not show, file=sys.stderr) as bar:
+            for items in _chunks(_assign(corpus.pieces(cuttable), mode, val, cut), chunk_chars):
+                pending.append((items, submit([text for _, text, _ in items], dtype.str)))
+                drain(keep=2 * workers)  # bounded: at most a few chunks in memory
+            drain(keep=0)
+        splits = {s: w.close() for s, w in writers.items()}
+        if [f.record() for f in corpus.files] != hashes:
+            raise UserError(f"{corpus.source} changed while it was being prepared: run `pocketlm prepare` again")
+        if val or cut is not None:
+            if splits["val"]["tokens"] < min_val_tokens:
+                raise UserError(
+                    f"the validation split has {splits['val']['tokens']} tokens, fewer than --min-val-tokens "
+                    f"{min_val_tokens} (one context window + 1): raise --val-fraction or --val-documents, "
+                    "lower --min-val-tokens, or add data")
+        tok.save(out)
+        manifest = {
+            "format": FORMAT,
+            "tokenizer": tok.describe(),
+            "dtype": dtype.name,
+            "eot_id": tok.eos_id,
+            "splits": splits,
+            "sources": hashes,
+            "replaced_characters": corpus.replaced_characters,
+            "seed": seed,
+            "val_fraction": None if val_documents is not None else
+            (DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction),
+            "val_documents": val_documents,
+            "delimiter": delimiter,
+            "delimiter_regex": delimiter_regex,
+            "split_by": mode,
+            "documents": documents,
+            "min_val_tokens": min_val_tokens,
+            "source": corpus.describe(),
+        }
+        _atomic_write_json(out / "manifest.json", manifest)
+    except BaseException:
+        for writer in writers.values():
+            writer._close_file()
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    if corpus.replaced_characters:
+        log(f"warning: {corpus.replaced_characters} undecodable byte sequence(s) in {corpus.source} were "
+            "replaced by U+FFFD (is the source UTF-8?)")
+    if corpus.ignored_characters:
+        log(f"warning: {corpus.ignored_characters} visible character(s) outside {delimiter} were skipped")
+    return manifest
+
+
+# -- reading a prepared data set ------------------------------------------------------------------------
+def load_manifest(directory: str | Path) -> dict:
+    """DIR/manifest.json, checked: format, splits, and every shard present with the size it should have."""
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    hint = f"run `pocketlm prepare SOURCE --out {directory}` first"
+    if not path.is_file():
+        raise UserError(f"{directory} is not a prepared data set (no manifest.json): {hint}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is corrupt ({exc}): {hint.replace('first', 'again')}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise UserError(f"{path} has format {found!r}, not {FORMAT!r}: {hint.replace('first', 'again')}")
+    missing = [k for k in ("tokenizer", "dtype", "eot_id", "splits") if k not in manifest]
+    if missing or manifest["dtype"] not in ("uint16", "uint32") or set(manifest["splits"]) != set(SPLITS):
+        raise UserError(f"{path} is incomplete or invalid ({', '.join(missing) or 'dtype/splits'}): "
+                        f"{hint.replace('first', 'again')}")
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            file = directory / shard["file"]
+            size = file.stat().st_size if file.is_file() else None
+            if size != shard["tokens"] * itemsize:
+                state = "missing" if size is None else f"{size} bytes, expected {shard['tokens'] * itemsize}"
+                raise UserError(f"{split} shard {file} is {state}: {hint.replace('first', 'again')}")
+    return manifest
+
+
+def split_memmaps(directory: str | Path, split: str, manifest: dict | None = None) -> list[np.memmap]:
+    """The shards of one split as read-only memory maps (an empty split has none)."""
+    manifest = manifest or load_manifest(directory)
+    if split not in manifest["splits"]:
+        raise UserError(f"no split {split!r} in {directory}: it has {', '.join(manifest['splits'])}")
+    return [np.memmap(Path(directory) / s["file"], dtype=manifest["dtype"], mode="r", shape=(s["tokens"],))
+            for s in manifest["splits"][split]["shards"] if s["tokens"]]
