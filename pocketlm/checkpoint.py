@@ -8,9 +8,6 @@ crash mid-save never leaves a corrupt checkpoint where a loader would look.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,49 +15,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pocketlm import hf
+from pocketlm.atomic import AtomicDir, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
 from pocketlm.errors import UserError
 from pocketlm.model import GPT
 from pocketlm.tokenizer import Tokenizer, load_tokenizer
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-class AtomicDir:
-    """`with AtomicDir(final) as tmp:` write into tmp; on success tmp becomes final in one rename."""
-
-    def __init__(self, final: str | Path) -> None:
-        self.final = Path(final)
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".tmp"))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.final.exists():  # replace: move the old one aside first, then drop it
-            old = self.final.with_name(f".{self.final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
 
 
 def write_model_files(model: GPT, tokenizer: Tokenizer | None, directory: Path, metadata: dict | None = None) -> None:
@@ -68,7 +26,8 @@ def write_model_files(model: GPT, tokenizer: Tokenizer | None, directory: Path, 
     config = model.config
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     save_file(hf.to_hf_state_dict(state, config), str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(hf.to_hf_config(config), indent=2) + "\n")
+    dtype = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(hf.to_hf_config(config, dtype), indent=2) + "\n")
     info = {"format": "pocketlm.model.v1", **(metadata or {})}
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -144,6 +103,8 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = GPT(config)
     model = model.to_empty(device="cpu")
+    if config.tie_embeddings:  # to_empty gives the shared meta tensor two separate storages: re-tie
+        model.lm_head.weight = model.transformer.wte.weight
     load_state_into(model, read_hf_weights(folder), str(folder))
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype else model.to(device), tokenizer

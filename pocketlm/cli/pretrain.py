@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from pocketlm.data.batches import read_manifest
-from pocketlm.model import GPT, get_config
-from pocketlm.tokenizer import load_tokenizer
-from pocketlm.train import add_train_arguments, config_from_args, train
+from pocketlm.recipe import add_train_arguments, config_from_args
 
 
 def register(subparsers) -> None:
@@ -26,8 +21,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def build_model(name: str, data_dir: str, seed: int, pad_vocab: int | None = None) -> tuple[GPT, object]:
+def build_model(name: str, data_dir: str, seed: int, pad_vocab: int | None = None):
     """A freshly initialised model whose vocabulary is the data set's tokenizer."""
+    import torch  # imported here so that `pocketlm --help` and light commands start fast
+
+    from pocketlm.data.batches import read_manifest
+    from pocketlm.model import GPT, get_config
+    from pocketlm.tokenizer import load_tokenizer
+
     read_manifest(data_dir)  # a clear error if DIR is not a prepared data set
     tokenizer = load_tokenizer(data_dir)
     vocab = tokenizer.vocab_size
@@ -38,6 +39,8 @@ def build_model(name: str, data_dir: str, seed: int, pad_vocab: int | None = Non
 
 
 def run(args: argparse.Namespace) -> None:
+    from pocketlm.train import train
+
     cfg = config_from_args(args, model=args.model, method="pretrain")
     cfg.validate()
     model, tokenizer = build_model(cfg.model, cfg.data, cfg.seed, args.pad_vocab)

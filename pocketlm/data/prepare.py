@@ -17,7 +17,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
+from pocketlm.atomic import atomic_write_json
 from pocketlm.data.sources import Corpus, Piece
 from pocketlm.errors import UserError
 from pocketlm.tokenizer import Tokenizer, load_tokenizer
@@ -195,16 +195,6 @@ def _clear_outputs(out: Path) -> None:
             old.unlink()
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    # Same as pocketlm.checkpoint.atomic_write_json, which imports torch (seconds of start-up here).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -304,7 +294,7 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
             "min_val_tokens": min_val_tokens,
             "source": corpus.describe(),
         }
-        _atomic_write_json(out / "manifest.json", manifest)
+        atomic_write_json(out / "manifest.json", manifest)
     except BaseException:
         for writer in writers.values():
             writer._close_file()
