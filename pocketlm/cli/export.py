@@ -1,0 +1,63 @@
+"""`pocketlm export SOURCE --out DIR`: any model source as a Hugging Face folder (or a GGUF file).
+
+SOURCE is a built-in base (smollm2-135m), a model folder, a run directory (its best checkpoint; a LoRA
+run's adapter is merged into its base), a .gguf file or a cached Hub id. The folder holds config.json, model.safetensors and tokenizer files, which
+transformers' AutoModelForCausalLM and AutoTokenizer load directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from pocketlm import checkpoint
+from pocketlm.errors import UserError
+from pocketlm.gguf_import import GGUF_EXPORT_TYPES
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="write a model as a Hugging Face folder (or GGUF file)",
+        description="Export a built-in base, model folder, run directory, .gguf file or cached Hub id as a "
+                    "Hugging Face folder that transformers loads, or as a GGUF file for llama.cpp.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("source", help="built-in base, model folder, run directory, .gguf file or cached Hub id")
+    p.add_argument("--out", required=True, help="output folder (hf) or .gguf file (gguf)")
+    p.add_argument("--dtype", choices=GGUF_EXPORT_TYPES, default="fp32",
+                   help="weight type; the quantized ones (q8_0, q4_0, ...) only with --format gguf")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="output format")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run)
+
+
+def export(source: str, out: str | Path, dtype: str = "fp32", fmt: str = "hf", overwrite: bool = False) -> Path:
+    out = Path(out)
+    if fmt == "hf" and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} is only for --format gguf: choose one of {', '.join(DTYPES)}")
+    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+        raise UserError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
+    model, tokenizer = checkpoint.load_model(source, device="cpu")
+    metadata = {"exported_from": str(source), "dtype": dtype}
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        from pocketlm import lora  # a LoRA run: export the base with the adapter folded in
+
+        model = lora.merge_lora(model)
+        metadata["merged_adapter"] = True
+    if fmt == "gguf":
+        from pocketlm.gguf_import import write_gguf
+
+        write_gguf(model, tokenizer, out, dtype=dtype)
+        return out
+    model = model.to(DTYPES[dtype])
+    checkpoint.save_model(model, tokenizer, out, metadata=metadata)
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    out = export(args.source, args.out, dtype=args.dtype, fmt=args.format, overwrite=args.overwrite)
+    print(f"exported {args.source} to {out} ({args.format}, {args.dtype})")

@@ -1,0 +1,47 @@
+"""`pocketlm finetune --base NAME_OR_PATH --data DIR --method full|lora|qlora`: adapt a pretrained model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pocketlm.errors import UserError
+from pocketlm.finetune import METHODS, AdapterOptions, finetune, parse_lr_list
+from pocketlm.recipe import add_train_arguments, config_from_args
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "finetune", help="fine-tune a pretrained base (full, LoRA or QLoRA)",
+        description="Fine-tune a base model on a prepared data set through the same training loop as "
+                    "pretraining. BASE: a built-in base (smollm2-135m), a model folder, a run directory, a "
+                    ".gguf file or a Hub id in the Hugging Face cache. Flags override the --config recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--base", help="the model to start from (default: the recipe's `model`)")
+    p.add_argument("--method", choices=METHODS, default=None, help="full fine-tuning, LoRA or QLoRA [full]")
+    lora = p.add_argument_group("LoRA / QLoRA")
+    lora.add_argument("--rank", type=int, default=8, help="adapter rank")
+    lora.add_argument("--alpha", type=float, default=16.0, help="adapter scaling numerator (scale = alpha/rank)")
+    lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
+    lora.add_argument("--targets", default="attn",
+                      help="layers to adapt: attn, attn+mlp, all-linear, or comma-separated module names")
+    search = p.add_argument_group("learning-rate search")
+    search.add_argument("--lr-search", metavar="LR,LR,...", default=None,
+                        help="try these learning rates in short runs first and keep the best (e.g. 1e-4,3e-4,1e-3)")
+    search.add_argument("--lr-search-steps", type=int, default=50, metavar="N", help="steps of each short run")
+    add_train_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args, model=args.base)
+    if not args.base and not args.config:
+        raise UserError("no base model: pass --base NAME_OR_PATH (e.g. smollm2-135m, a model folder or a .gguf file)")
+    cfg.method = args.method or (cfg.method if cfg.method in METHODS else "full")
+    adapter = AdapterOptions(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=args.targets)
+    summary = finetune(cfg, adapter=adapter, lr_search=parse_lr_list(args.lr_search),
+                       lr_search_steps=args.lr_search_steps)
+    keys = ("method", "steps", "best_val_loss", "final_train_loss", "tokens_per_s", "wall_s")
+    print(json.dumps({k: summary.get(k) for k in keys} | ({"lr": summary["lr_search"]["best_lr"]}
+                                                           if "lr_search" in summary else {})))

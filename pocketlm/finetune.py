@@ -1,0 +1,158 @@
+"""Fine-tuning a pretrained base: load it, check the data's tokenizer, build the model for the method
+(full, lora, qlora), optionally search the learning rate with short runs, then run the one training loop.
+
+Every base source works: a built-in base (smollm2-135m), a model folder, a run directory, a .gguf file
+(dequantized to fp32, so it trains like any model) or a Hub id in the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from pocketlm import checkpoint
+from pocketlm.data.batches import read_manifest
+from pocketlm.errors import UserError
+from pocketlm.model import GPT
+from pocketlm.recipe import TrainConfig
+from pocketlm.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
+
+METHODS = ("full", "lora", "qlora")
+
+
+@dataclass
+class AdapterOptions:
+    """LoRA/QLoRA settings, passed through to pocketlm.lora.prepare_model."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str = "attn"
+
+
+def load_base(source: str) -> tuple[GPT, Tokenizer]:
+    """The base with fp32 weights on the CPU, every parameter trainable (train() moves it to the device)."""
+    model, tokenizer = checkpoint.load_model(source, device="cpu", dtype=torch.float32)
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        from pocketlm import lora  # a LoRA run as the base: fold its adapter in first
+
+        model = lora.merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, tokenizer
+
+
+def check_data_tokenizer(data: str, tokenizer: Tokenizer, base: str) -> dict:
+    """The data set's manifest, after checking it was tokenized with the base's tokenizer."""
+    manifest = read_manifest(data)
+    check_same_tokenizer(manifest["tokenizer"]["identity"], tokenizer.identity, f"data set {data}",
+                         f"base {base}")
+    return manifest
+
+
+def build_for_method(model: GPT, method: str, adapter: AdapterOptions, base: str):
+    """(saver, info) for the method; LoRA/QLoRA wrap the model in place (pocketlm.lora)."""
+    from pocketlm.train import FullModelSaver
+
+    if method not in METHODS:
+        raise UserError(f"unknown fine-tuning method {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "full":
+        return FullModelSaver(), {"method": "full", "trainable_params": model.num_parameters(trainable_only=True)}
+    from pocketlm import lora
+
+    info = lora.prepare_model(model, method, adapter.rank, adapter.alpha, adapter.dropout, adapter.targets,
+                              base=base)
+    return lora.LoraSaver(base), info
+
+
+def parse_lr_list(text: str | list | None) -> list[float]:
+    if text is None or text == "":
+        return []
+    items = text if isinstance(text, list) else str(text).split(",")
+    try:
+        values = [float(x) for x in items if str(x).strip()]
+    except ValueError as exc:
+        raise UserError(f"--lr-search must be comma-separated numbers, e.g. 1e-4,3e-4,1e-3 (got {text!r})") from exc
+    if not values or any(v <= 0 or not math.isfinite(v) for v in values):
+        raise UserError(f"--lr-search needs positive learning rates, e.g. 1e-4,3e-4,1e-3 (got {text!r})")
+    return values
+
+
+def search_lr(base_model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, method: str, adapter: AdapterOptions,
+              lrs: list[float], steps: int) -> dict:
+    """Short runs from the same base, one per learning rate, each evaluated at its last step; the lowest
+    validation loss wins. Runs live in RUN/lr_search/lr-X (metrics and summary kept, weights dropped) and
+    the results in RUN/lr_search.json; an interrupted search resumes with the rates it has not tried."""
+    from pocketlm.train import train
+
+    if steps <= 0:
+        raise UserError(f"--lr-search-steps must be positive, got {steps}")
+    root = Path(cfg.out) / "lr_search"
+    warmup = min(cfg.warmup_steps, steps // 4)
+    results = []
+    for lr in lrs:
+        out = root / f"lr-{lr:g}"
+        summary_path = out / "summary.json"
+        if summary_path.exists():  # finished before an interruption
+            summary = json.loads(summary_path.read_text())
+        else:
+            shutil.rmtree(out, ignore_errors=True)  # a half-finished short run starts over
+            model = copy.deepcopy(base_model)  # deepcopy keeps tied weights tied
+            saver, _ = build_for_method(model, method, adapter, cfg.model)
+            short = replace(cfg, out=str(out), lr=lr, max_steps=steps, warmup_steps=warmup, eval_every=steps,
+                            save_every=steps, keep_checkpoints=1, patience=0, resume=False, sample_every=0,
+                            eval_prompts=None, eval_form=None)
+            print(f"lr search: {lr:g} for {steps} steps", file=sys.stderr)
+            summary = train(model, tokenizer, short, saver=saver)
+            del model
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only the numbers are needed
+        loss = summary.get("best_val_loss")
+        results.append({"lr": lr, "val_loss": loss, "final_train_loss": summary.get("final_train_loss"),
+                        "steps": summary.get("steps")})
+    finite = [r for r in results if r["val_loss"] is not None and math.isfinite(r["val_loss"])]
+    if not finite:
+        raise UserError(f"every learning rate in the search diverged ({', '.join(f'{lr:g}' for lr in lrs)}): "
+                        "try smaller ones")
+    best = min(finite, key=lambda r: r["val_loss"])
+    record = {"lrs": lrs, "steps": steps, "warmup_steps": warmup, "results": results, "best_lr": best["lr"]}
+    checkpoint.atomic_write_json(Path(cfg.out) / "lr_search.json", record)
+    print(f"lr search: best {best['lr']:g} (val loss {best['val_loss']:.4f})", file=sys.stderr)
+    return record
+
+
+def finetune(cfg: TrainConfig, *, adapter: AdapterOptions | None = None, lr_search: list[float] | None = None,
+             lr_search_steps: int = 50) -> dict:
+    """Fine-tune cfg.model (the base) on cfg.data with cfg.method; returns train()'s summary."""
+    from pocketlm.train import train
+
+    adapter = adapter or AdapterOptions()
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown fine-tuning method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    cfg.validate()
+    # The tokenizer check first: it is cheap, loading a base's weights is not.
+    check_data_tokenizer(cfg.data, load_tokenizer(cfg.model), cfg.model)
+    model, tokenizer = load_base(cfg.model)
+    extra: dict = {"base": cfg.model}
+
+    record_path = Path(cfg.out) / "lr_search.json"
+    if lr_search:
+        if cfg.resume and record_path.exists():  # the search already picked the rate of this run
+            record = json.loads(record_path.read_text())
+        else:
+            record = search_lr(model, tokenizer, cfg, cfg.method, adapter, lr_search, lr_search_steps)
+        cfg = replace(cfg, lr=record["best_lr"])
+        extra["lr_search"] = {"best_lr": record["best_lr"], "results": record["results"]}
+
+    torch.manual_seed(cfg.seed)  # the adapter's random init follows --seed (the same on every rank)
+    saver, info = build_for_method(model, cfg.method, adapter, cfg.model)
+    if cfg.method != "full":
+        extra["adapter"] = {k: info[k] for k in ("rank", "alpha", "dropout", "targets", "trainable_params")
+                            if k in info}
+    return train(model, tokenizer, cfg, saver=saver, extra_summary=extra)
