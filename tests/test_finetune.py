@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pocketlm import checkpoint, finetune, gguf_import
+from pocketlm import checkpoint, finetune, gguf_export
 from pocketlm.cli import main
 from pocketlm.data.prepare import prepare
 from pocketlm.model import GPT, ModelConfig
@@ -123,7 +123,7 @@ def test_a_quantized_gguf_base_trains_with_full_and_lora(tmp_path, tiny_text):
     torch.manual_seed(0)
     cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
                       n_embd=64, intermediate_size=128, bias=False, tokenizer="small")
-    base = gguf_import.write_gguf(GPT(cfg), tok, tmp_path / "base.gguf", dtype="q8_0")
+    base = gguf_export.write_gguf(GPT(cfg), tok, tmp_path / "base.gguf", dtype="q8_0")
     data = _prepare(tiny_text, tmp_path / "data", str(base))  # the GGUF's own tokenizer
     main(["finetune", "--base", str(base), "--data", str(data), "--method", "full", "--max-steps", "4",
           "--lr", "3e-3", "--eval-every", "2", "--out", str(tmp_path / "full"), *FLAGS])

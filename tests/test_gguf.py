@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pocketlm import checkpoint, gguf_import
+from pocketlm import checkpoint, gguf_export, gguf_import
 from pocketlm.cli import main
 from pocketlm.errors import UserError
 from pocketlm.model import CONFIGS, GPT, ModelConfig
@@ -61,7 +61,7 @@ def _logits(model, ids):
                                               ("gpt2", "fp16", True), ("gpt2", "q4_0", False)])
 def test_gguf_weights_and_tokenizer_match_transformers(tmp_path, small_tokenizer, family, dtype, tie):
     model = _random_model(family, small_tokenizer.vocab_size, tie)
-    path = gguf_import.write_gguf(model, small_tokenizer, tmp_path / "m.gguf", dtype=dtype)
+    path = gguf_export.write_gguf(model, small_tokenizer, tmp_path / "m.gguf", dtype=dtype)
     ours, tok = checkpoint.load_model(path)  # a .gguf path goes through pocketlm.hf
     assert ours.config.tie_embeddings == tie and ours.config.kv_heads == model.config.kv_heads
     assert all(p.dtype == torch.float32 for p in ours.parameters())  # dequantized: trainable as is
@@ -140,7 +140,7 @@ def test_unsupported_gguf_files_are_clear_errors(tmp_path, capsys):
 def test_gguf_vocabulary_must_fit_the_embedding(tmp_path, small_tokenizer):
     model = _random_model("llama", 200, tie=True)  # 200 embedding rows, a 300-token tokenizer
     with pytest.raises(UserError, match="more tokens than the model's embedding"):
-        gguf_import.write_gguf(model, small_tokenizer, tmp_path / "x.gguf")
+        gguf_export.write_gguf(model, small_tokenizer, tmp_path / "x.gguf")
 
 
 def test_qk_permutation_round_trips():

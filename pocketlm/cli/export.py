@@ -14,7 +14,7 @@ import torch
 
 from pocketlm import checkpoint
 from pocketlm.errors import UserError
-from pocketlm.gguf_import import GGUF_EXPORT_TYPES
+from pocketlm.gguf_export import GGUF_EXPORT_TYPES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,7 +49,7 @@ def export(source: str, out: str | Path, dtype: str = "fp32", fmt: str = "hf", o
         model = lora.merge_lora(model)
         metadata["merged_adapter"] = True
     if fmt == "gguf":
-        from pocketlm.gguf_import import write_gguf
+        from pocketlm.gguf_export import write_gguf
 
         write_gguf(model, tokenizer, out, dtype=dtype)
         return out
