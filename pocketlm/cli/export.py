@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from pocketlm import checkpoint
 from pocketlm.errors import UserError
-from pocketlm.gguf_export import GGUF_EXPORT_TYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("fp32", "bf16", "fp16")
+GGUF_EXPORT_TYPES = ("fp32", "fp16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # see gguf_export
 
 
 def register(subparsers) -> None:
@@ -41,6 +38,10 @@ def export(source: str, out: str | Path, dtype: str = "fp32", fmt: str = "hf", o
         raise UserError(f"--dtype {dtype} is only for --format gguf: choose one of {', '.join(DTYPES)}")
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise UserError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
+    import torch
+
+    from pocketlm import checkpoint
+
     model, tokenizer = checkpoint.load_model(source, device="cpu")
     metadata = {"exported_from": str(source), "dtype": dtype}
     if any("lora_" in name for name, _ in model.named_parameters()):
@@ -53,7 +54,7 @@ def export(source: str, out: str | Path, dtype: str = "fp32", fmt: str = "hf", o
 
         write_gguf(model, tokenizer, out, dtype=dtype)
         return out
-    model = model.to(DTYPES[dtype])
+    model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     checkpoint.save_model(model, tokenizer, out, metadata=metadata)
     return out
 

@@ -6,8 +6,9 @@ import argparse
 import json
 
 from pocketlm.errors import UserError
-from pocketlm.finetune import METHODS, AdapterOptions, finetune, parse_lr_list
 from pocketlm.recipe import add_train_arguments, config_from_args
+
+METHODS = ("full", "lora", "qlora")  # the same as pocketlm.finetune.METHODS, without importing torch here
 
 
 def register(subparsers) -> None:
@@ -35,6 +36,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from pocketlm.finetune import AdapterOptions, finetune, parse_lr_list
+
     cfg = config_from_args(args, model=args.base)
     if not args.base and not args.config:
         raise UserError("no base model: pass --base NAME_OR_PATH (e.g. smollm2-135m, a model folder or a .gguf file)")
