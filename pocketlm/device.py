@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -40,9 +41,23 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matrix multiplies run about twice as fast as fp32 on such CPUs."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: be conservative
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def default_precision(device: torch.device) -> str:
-    """bf16 where the hardware runs it natively, else fp32."""
+    """bf16 autocast where the hardware runs it natively (Ampere+ GPUs, AMX/AVX512-BF16 CPUs), else fp32.
+
+    Weights and optimizer state stay fp32 either way; only matrix multiplies run in bf16.
+    """
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
 

@@ -264,6 +264,63 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class _LMHeadCrossEntropy(torch.autograd.Function):
+    """logits = x @ weight.T and their mean cross-entropy, fused so training keeps one logits tensor.
+
+    Plain `F.cross_entropy(lm_head(x))` keeps the logits, a log-softmax of the same size for backward,
+    and in backward allocates a zero-filled gradient plus the log-softmax gradient: four (tokens x
+    vocab) tensors, about 1.6 GB in fp32 for GPT-2 at batch 8 x 256. Here forward keeps only the
+    logits and one log-sum-exp per row; backward rebuilds softmax - one_hot in fp32 chunks straight
+    into the gradient. The logits stay differentiable: a caller's own use of them adds its gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+        logits = x @ weight.t()  # (tokens, vocab), in x's dtype (bf16 under autocast)
+        valid = targets != -100
+        tgt = targets.masked_fill(~valid, 0)  # ignored rows pick column 0, then count for nothing
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for s, e in _row_chunks(logits):  # fp32 temporaries of one chunk at a time
+            lse[s:e] = torch.logsumexp(logits[s:e].float(), dim=-1)
+        picked = logits.gather(1, tgt[:, None]).squeeze(1).float()
+        count = valid.sum()
+        loss = torch.where(valid, lse - picked, 0.0).sum() / count  # 0/0 = nan if all ignored, as F does
+        ctx.save_for_backward(x, weight, logits, lse, tgt, valid, count)
+        ctx.set_materialize_grads(False)
+        return logits, loss
+
+    @staticmethod
+    def backward(ctx, grad_logits: torch.Tensor | None, grad_loss: torch.Tensor | None):
+        x, weight, logits, lse, tgt, valid, count = ctx.saved_tensors
+        if grad_loss is None:
+            grad = grad_logits
+        else:
+            grad = torch.empty_like(logits)
+            scale = valid.float() * (grad_loss.float() / count)  # d loss / d (lse - picked), per row
+            for s, e in _row_chunks(logits):
+                # softmax - one_hot, in fp32; written in place when the gradient itself is fp32
+                p = grad[s:e] if grad.dtype == torch.float32 else torch.empty_like(grad[s:e], dtype=torch.float32)
+                torch.sub(logits[s:e], lse[s:e, None], out=p).exp_()
+                p[torch.arange(e - s, device=p.device), tgt[s:e]] -= 1.0
+                p.mul_(scale[s:e, None])
+                if grad_logits is not None:
+                    p.add_(grad_logits[s:e])
+                if p.data_ptr() != grad[s:e].data_ptr():
+                    grad[s:e] = p
+        dx = grad @ weight if ctx.needs_input_grad[0] else None
+        dw = grad.t() @ x if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+_LOSS_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of the fused loss: 16 MB at a time
+
+
+def _row_chunks(t: torch.Tensor):
+    """(start, end) row ranges of about _LOSS_CHUNK_ELEMENTS values each."""
+    rows = max(1, _LOSS_CHUNK_ELEMENTS // max(1, t.shape[1]))
+    return ((s, min(s + rows, t.shape[0])) for s in range(0, t.shape[0], rows))
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -339,12 +396,28 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None and cache is not None:
             x = x[:, -1:, :]  # generation needs only the last position's logits
+        if targets is not None and type(self.lm_head) is nn.Linear:
+            return self._logits_and_loss(x, targets)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # drop padding rows
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-100)
         return logits, loss
+
+    def _logits_and_loss(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """lm_head and cross-entropy in one memory-saving step (_LMHeadCrossEntropy), same numbers."""
+        B, T, d = x.shape
+        weight = self.lm_head.weight
+        if weight.shape[0] > self.config.vocab_size:  # padding rows never become logits (slice only
+            weight = weight[: self.config.vocab_size]  # then: its backward zero-fills a full-size grad)
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):  # cast as autocast would cast lm_head's inputs
+            dtype = torch.get_autocast_dtype(kind)
+            x, weight = x.to(dtype), weight.to(dtype)
+        with torch.autocast(kind, enabled=False):
+            logits, loss = _LMHeadCrossEntropy.apply(x.reshape(B * T, d), weight, targets.reshape(-1))
+        return logits.view(B, T, -1), loss
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.transformer.wte.weight

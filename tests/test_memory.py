@@ -1,0 +1,130 @@
+"""Training-speed machinery: the fused lm_head + cross-entropy in GPT.forward, and allocator tuning."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pocketlm.model
+from pocketlm.memory import find_tcmalloc
+from pocketlm.model import GPT, ModelConfig
+
+VOCAB = 1000
+
+
+def _model(padded: int | None = None) -> GPT:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=VOCAB, padded_vocab_size=padded, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    return GPT(config).train()
+
+
+@pytest.fixture(autouse=True)
+def _small_loss_chunks(monkeypatch):
+    monkeypatch.setattr(pocketlm.model, "_LOSS_CHUNK_ELEMENTS", 7 * VOCAB)  # several chunks, a ragged last one
+
+
+def _grads_and_outputs(model: GPT, x, y, fused: bool, precision: str = "fp32", extra: bool = False):
+    """Loss via the model's fused path, or via plain F.cross_entropy on the returned logits."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        if fused:
+            logits, loss = model(x, y)
+        else:
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1), ignore_index=-100)
+        total = loss + logits.float().square().mean() if extra else loss
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), loss.detach(), grads
+
+
+@pytest.mark.parametrize("padded", [None, 1024])
+@pytest.mark.parametrize("extra", [False, True], ids=["loss-only", "logits-also-used"])
+def test_fused_loss_matches_plain_cross_entropy_and_its_gradients(padded, extra):
+    model = _model(padded)
+    x = torch.randint(0, VOCAB, (2, 24))
+    y = torch.randint(0, VOCAB, (2, 24))
+    y[0, :7] = -100  # ignored positions count for nothing
+    ref_logits, ref_loss, ref_grads = _grads_and_outputs(model, x, y, fused=False, extra=extra)
+    logits, loss, grads = _grads_and_outputs(model, x, y, fused=True, extra=extra)
+    assert logits.shape == (2, 24, VOCAB)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_loss_under_bf16_autocast_keeps_bf16_logits_and_fp32_loss():
+    model = _model()
+    x, y = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+    ref_logits, ref_loss, ref_grads = _grads_and_outputs(model, x, y, fused=False, precision="bf16")
+    logits, loss, grads = _grads_and_outputs(model, x, y, fused=True, precision="bf16")
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=2e-2, atol=1e-4, msg=name)
+
+
+def test_fused_loss_with_a_frozen_head_and_all_targets_ignored():
+    model = _model()
+    model.lm_head.weight.requires_grad_(False)  # as in LoRA: only the blocks train
+    x = torch.randint(0, VOCAB, (1, 8))
+    _, loss = model(x, torch.randint(0, VOCAB, (1, 8)))
+    loss.backward()
+    assert model.lm_head.weight.grad is None
+    assert model.transformer.h[0].mlp.c_fc.weight.grad is not None
+    _, nothing = model(x, torch.full((1, 8), -100))
+    assert torch.isnan(nothing)  # as F.cross_entropy: a mean over no targets
+
+
+# -- allocator -----------------------------------------------------------------------------------
+_FAULTS_SCRIPT = """
+import resource, sys
+from pocketlm.memory import tune_allocator
+state = tune_allocator()
+import torch
+def churn():
+    for _ in range(12):  # a training step's pattern: allocate a big tensor, touch it, free it
+        t = torch.empty(64 * 2**20 // 4)
+        t.fill_(1.0)
+        del t
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(state, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _run_faults(env_extra: dict) -> tuple[str, int]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | env_extra
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    state, faults = out.stdout.split()
+    return state, int(faults)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_tuned_glibc_reuses_freed_memory_instead_of_faulting_it_back():
+    plain_state, plain_faults = _run_faults({"POCKETLM_TUNE_ALLOCATOR": "0"})
+    tuned_state, tuned_faults = _run_faults({})
+    assert (plain_state, tuned_state) == ("glibc", "glibc-tuned")
+    # 12 x 64 MB freshly mapped: ~196k faults with plain glibc; reused heap memory faults ~not at all.
+    assert plain_faults > 100_000
+    assert tuned_faults < plain_faults / 20
+
+
+@pytest.mark.skipif(find_tcmalloc() is None, reason="tcmalloc not installed (libgoogle-perftools4)")
+def test_a_preloaded_tcmalloc_is_detected_and_left_alone():
+    state, faults = _run_faults({"LD_PRELOAD": find_tcmalloc()})
+    assert state == "tcmalloc"
+    assert faults < 20_000
