@@ -20,6 +20,7 @@ from pathlib import Path
 from pocketlm.errors import UserError
 from pocketlm.eval import text_metrics
 from pocketlm.eval.forms import Form, get_form, normalize_newlines
+from pocketlm.eval.jsonl import jsonl_rows
 
 HYPOTHESIS_MODES = ("auto", "completion", "prompt+completion")
 
@@ -30,13 +31,7 @@ def read_prompt_pairs(path: str | Path, limit: int | None = None, require_refere
     if not path.is_file():
         raise UserError(f"{path} does not exist: give a JSONL file with prompt and reference fields")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{n} is not valid JSON ({exc.msg}): one JSON object per line") from exc
+    for n, row in jsonl_rows(path.read_text(encoding="utf-8").splitlines(), path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise UserError(f"{path}:{n} needs a string `prompt` field")
         ref = row.get("reference")

@@ -17,13 +17,13 @@ differ from these.)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pocketlm.errors import UserError
+from pocketlm.eval.jsonl import jsonl_rows
 from pocketlm.eval.likelihood import _autocast, _model_device, model_context, start_token
 
 
@@ -43,13 +43,7 @@ def read_multiple_choice(path: str | Path, limit: int | None = None) -> list[Ite
         raise UserError(f"--limit must be a positive number of items, got {limit}")
     items: list[Item] = []
     with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{n} is not valid JSON ({exc.msg}): one JSON object per line") from exc
+        for n, row in jsonl_rows(f, path):
             items.append(_item(row, path, n))
             if limit is not None and len(items) >= limit:
                 break

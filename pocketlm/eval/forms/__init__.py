@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pocketlm.errors import UserError
+from pocketlm.eval.jsonl import jsonl_rows
 
 
 @dataclass
@@ -157,13 +158,7 @@ def _looks_like_jsonl(text: str) -> bool:
 
 def _jsonl_texts(text: str, path: Path) -> list[str]:
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{n} is not valid JSON ({exc.msg}): one JSON object per line") from exc
+    for n, row in jsonl_rows(text.splitlines(), path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise UserError(f"{path}:{n} has no string `text` field: write lines like {{\"text\": \"...\"}}")
         out.append(row["text"])
