@@ -83,7 +83,7 @@ def run_side(args: argparse.Namespace) -> dict:
         model, _ = load_model(args.folder, device=device, dtype=torch.float32)
 
         def loss_fn(x, y):
-            return model(x, y)[1]
+            return model(x, y, return_logits=False)[1]
     else:
         from transformers import AutoModelForCausalLM
 

@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {variant} {precision}: {note}", flush=True)
                 results.append(r)
     print_table(results, args.batch * args.context)
+    from pocketlm.memory import allocator_in_effect
+
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    print(f"allocator (both sides): {allocator_in_effect()}{f' with GLIBC_TUNABLES={tunables}' if tunables else ''}"
+          " -- peak RSS depends on it: compare sides under the same one")
     print(f"\nload after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -208,7 +213,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from pocketlm.device import autocast
     from pocketlm.recipe import TrainConfig
-    from pocketlm.train import make_optimizer
+    from pocketlm.train import make_optimizer, store_frozen_linears
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,9 +229,10 @@ def worker(args: argparse.Namespace) -> None:
             method = "qlora" if args.worker == "pocketlm-qlora" else "lora"
             lora.prepare_model(model, method, args.rank, args.alpha, 0.0, args.targets)
             lora.LoraSaver().load(model, workdir / "init")  # the shared initial adapter
+            store_frozen_linears(model, args.precision)  # as pocketlm's trainer does: bf16 base under bf16
 
         def step_loss(x, y):
-            return model(x, y)[1]
+            return model(x, y, return_logits=False)[1]
     else:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM

@@ -233,7 +233,7 @@ def worker(args: argparse.Namespace) -> None:
         model, _ = load_model_folder(workdir / "model")
 
         def step_loss(x, y):
-            return model(x, y)[1]
+            return model(x, y, return_logits=False)[1]
     else:
         from transformers import AutoModelForCausalLM
 

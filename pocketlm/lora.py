@@ -53,6 +53,8 @@ _PREFIX = "base_model.model."
 class LoraLinear(nn.Module):
     """A frozen linear layer (nn.Linear or NF4Linear) plus a trainable low-rank update."""
 
+    takes_swiglu_gate = True  # MLP.forward may pass the SwiGLU gate instead of the product
+
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False) -> None:
         super().__init__()
@@ -68,7 +70,10 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default; B = 0 keeps the base output
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer on x, or on silu(gate) * x (a SwiGLU down projection, recomputed in backward)."""
+        if gate is not None and self.training and self.dropout > 0:  # dropout needs the product itself
+            x, gate = F.silu(gate) * x, None
         xd = F.dropout(x, self.dropout, training=True) if self.training and self.dropout > 0 else None
         base = self.base_layer
         if isinstance(base, NF4Linear):
@@ -76,7 +81,7 @@ class LoraLinear(nn.Module):
         else:
             weight, absmax = base.weight, None
         return frozen_linear_lora(x, xd, weight, absmax, base.bias, self.lora_A, self.lora_B, self.scaling,
-                                  _compute_dtype(x))
+                                  _compute_dtype(x), gate=gate)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in float32: what merging adds to the base weight."""

@@ -152,9 +152,10 @@ def rope_tables(config: ModelConfig, length: int, device: torch.device | None = 
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding in x's dtype, as Hugging Face computes it (bf16 under autocast)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class KVCache:
@@ -248,7 +249,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.family == "gpt2":
             return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if getattr(self.down_proj, "takes_swiglu_gate", False):  # a LoRA layer: recomputes the product
+            return self.dropout(self.down_proj(up, gate=gate))
+        return self.dropout(self.down_proj(F.silu(gate) * up))
 
 
 class Block(nn.Module):
@@ -264,61 +268,57 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class _LMHeadCrossEntropy(torch.autograd.Function):
-    """logits = x @ weight.T and their mean cross-entropy, fused so training keeps one logits tensor.
+class _LMHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of x @ weight.T, computed in row chunks so the (tokens x vocab) logits never
+    exist whole; the gradients are computed in the same pass and kept until backward.
 
-    Plain `F.cross_entropy(lm_head(x))` keeps the logits, a log-softmax of the same size for backward,
-    and in backward allocates a zero-filled gradient plus the log-softmax gradient: four (tokens x
-    vocab) tensors, about 1.6 GB in fp32 for GPT-2 at batch 8 x 256. Here forward keeps only the
-    logits and one log-sum-exp per row; backward rebuilds softmax - one_hot in fp32 chunks straight
-    into the gradient. The logits stay differentiable: a caller's own use of them adds its gradient.
+    Training needs only the loss. Plain `F.cross_entropy(lm_head(x))` keeps the logits, their
+    log-softmax and, in backward, two more tensors of that size: about 1.6 GB in fp32 for GPT-2 at
+    batch 8 x 256. Here one chunk of logits (about _LOSS_CHUNK_ELEMENTS values) exists at a time;
+    softmax - one_hot of the chunk goes straight into d x (tokens x width) and d weight (fp32, only
+    when the head trains). Backward scales them by the incoming gradient. The arithmetic is that of
+    the plain path: logits in x's dtype, log-sum-exp and softmax in fp32.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-        logits = x @ weight.t()  # (tokens, vocab), in x's dtype (bf16 under autocast)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, with_grads: bool):
+        need_x = with_grads and ctx.needs_input_grad[0]
+        need_w = with_grads and ctx.needs_input_grad[1]
         valid = targets != -100
         tgt = targets.masked_fill(~valid, 0)  # ignored rows pick column 0, then count for nothing
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-        for s, e in _row_chunks(logits):  # fp32 temporaries of one chunk at a time
-            lse[s:e] = torch.logsumexp(logits[s:e].float(), dim=-1)
-        picked = logits.gather(1, tgt[:, None]).squeeze(1).float()
         count = valid.sum()
-        loss = torch.where(valid, lse - picked, 0.0).sum() / count  # 0/0 = nan if all ignored, as F does
-        ctx.save_for_backward(x, weight, logits, lse, tgt, valid, count)
-        ctx.set_materialize_grads(False)
-        return logits, loss
+        row_scale = valid.float() / count  # d loss / d (lse - picked) per row; 0/0 = nan if all ignored
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
+        rows = max(1, _LOSS_CHUNK_ELEMENTS // weight.shape[0])
+        for s in range(0, x.shape[0], rows):
+            e = min(s + rows, x.shape[0])
+            logits = (x[s:e] @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, tgt[s:e, None]).squeeze(1)
+            total += torch.where(valid[s:e], lse - picked, 0.0).sum()
+            if need_x or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(e - s, device=x.device), tgt[s:e]] -= 1.0
+                grad = probs.mul_(row_scale[s:e, None]).to(x.dtype)
+                if need_x:
+                    torch.mm(grad, weight, out=dx[s:e])
+                if need_w:
+                    dw += (grad.t() @ x[s:e]).float()
+        ctx.save_for_backward(dx, dw)
+        ctx.weight_dtype = weight.dtype
+        return total / count
 
     @staticmethod
-    def backward(ctx, grad_logits: torch.Tensor | None, grad_loss: torch.Tensor | None):
-        x, weight, logits, lse, tgt, valid, count = ctx.saved_tensors
-        if grad_loss is None:
-            grad = grad_logits
-        else:
-            grad = torch.empty_like(logits)
-            scale = valid.float() * (grad_loss.float() / count)  # d loss / d (lse - picked), per row
-            for s, e in _row_chunks(logits):
-                # softmax - one_hot, in fp32; written in place when the gradient itself is fp32
-                p = grad[s:e] if grad.dtype == torch.float32 else torch.empty_like(grad[s:e], dtype=torch.float32)
-                torch.sub(logits[s:e], lse[s:e, None], out=p).exp_()
-                p[torch.arange(e - s, device=p.device), tgt[s:e]] -= 1.0
-                p.mul_(scale[s:e, None])
-                if grad_logits is not None:
-                    p.add_(grad_logits[s:e])
-                if p.data_ptr() != grad[s:e].data_ptr():
-                    grad[s:e] = p
-        dx = grad @ weight if ctx.needs_input_grad[0] else None
-        dw = grad.t() @ x if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+    def backward(ctx, grad_loss: torch.Tensor):
+        dx, dw = ctx.saved_tensors
+        grad_x = (dx * grad_loss.to(dx.dtype)) if dx is not None else None
+        grad_w = (dw * grad_loss).to(ctx.weight_dtype) if dw is not None else None
+        return grad_x, grad_w, None, None
 
 
-_LOSS_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries of the fused loss: 16 MB at a time
-
-
-def _row_chunks(t: torch.Tensor):
-    """(start, end) row ranges of about _LOSS_CHUNK_ELEMENTS values each."""
-    rows = max(1, _LOSS_CHUNK_ELEMENTS // max(1, t.shape[1]))
-    return ((s, min(s + rows, t.shape[0])) for s in range(0, t.shape[0], rows))
+_LOSS_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the loss: 64 MB in fp32, efficient matmuls
 
 
 class GPT(nn.Module):
@@ -371,9 +371,13 @@ class GPT(nn.Module):
         cos, sin = self._rope_cache
         return cos[start:end], sin[start:end]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab_size), and the mean cross-entropy if `targets` (-100 = ignore) are given."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, vocab_size), and the mean cross-entropy if `targets` (-100 = ignore) are given.
+
+        Training passes return_logits=False: the loss then comes from _LMHeadLoss, which never holds
+        the whole logits tensor, and the logits returned are None.
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -396,28 +400,29 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None and cache is not None:
             x = x[:, -1:, :]  # generation needs only the last position's logits
-        if targets is not None and type(self.lm_head) is nn.Linear:
-            return self._logits_and_loss(x, targets)
+        if targets is not None and not return_logits and type(self.lm_head) is nn.Linear:
+            return None, self._chunked_loss(x, targets)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # drop padding rows
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-100)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
-    def _logits_and_loss(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """lm_head and cross-entropy in one memory-saving step (_LMHeadCrossEntropy), same numbers."""
-        B, T, d = x.shape
+    def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """lm_head + cross-entropy through _LMHeadLoss: the same numbers as the plain path, less memory."""
         weight = self.lm_head.weight
-        if weight.shape[0] > self.config.vocab_size:  # padding rows never become logits (slice only
-            weight = weight[: self.config.vocab_size]  # then: its backward zero-fills a full-size grad)
+        if weight.shape[0] > self.config.vocab_size:  # padding rows never become logits
+            weight = weight[: self.config.vocab_size]
         kind = x.device.type
         if torch.is_autocast_enabled(kind):  # cast as autocast would cast lm_head's inputs
             dtype = torch.get_autocast_dtype(kind)
             x, weight = x.to(dtype), weight.to(dtype)
+        elif x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
         with torch.autocast(kind, enabled=False):
-            logits, loss = _LMHeadCrossEntropy.apply(x.reshape(B * T, d), weight, targets.reshape(-1))
-        return logits.view(B, T, -1), loss
+            return _LMHeadLoss.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1),
+                                     torch.is_grad_enabled())
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.transformer.wte.weight

@@ -177,32 +177,41 @@ def _base_weight(weight: torch.Tensor, absmax: torch.Tensor | None, shape: tuple
 
 
 class _FrozenLinearLora(torch.autograd.Function):
-    """y = x W^T + b + s (xd A^T) B^T with W frozen (float, or NF4 codes + absmax); xd = dropout(x) or x.
+    """y = h W^T + b + s (hd A^T) B^T with W frozen (float, or NF4 codes + absmax), where the layer
+    input h is x, or silu(gate) * x when a SwiGLU gate is given (Llama's down_proj), and hd =
+    dropout(h) or h.
 
-    Works on 2-D views; the low-rank terms are fused into the big GEMMs (addmm with alpha = s).
+    Works on 2-D views; the low-rank terms are fused into the big GEMMs (addmm with alpha = s). With a
+    gate, h is not saved but recomputed in backward from gate and x (the up projection), which
+    autograd keeps anyway: a SwiGLU MLP then saves two (tokens x width) tensors instead of four.
     """
 
     @staticmethod
-    def forward(ctx, x, xd, weight, absmax, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
+    def forward(ctx, x, gate, xd, weight, absmax, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
         out_f, in_f = lora_b.shape[0], lora_a.shape[1]
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
-            x2 = x.reshape(-1, in_f).to(dtype)
+            h = x if gate is None else F.silu(gate) * x
+            x2 = h.reshape(-1, in_f).to(dtype)
             w = _base_weight(weight, absmax, (out_f, in_f), dtype)
             y = torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()
             xa = (x2 if xd is None else xd.reshape(-1, in_f).to(dtype)) @ lora_a.to(dtype).t()  # (N, rank)
             y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)
-        ctx.save_for_backward(x if xd is None else xd, xa, weight, absmax, lora_a, lora_b)
-        ctx.scaling, ctx.dtype, ctx.dropout, ctx.x_dtype = scaling, dtype, xd is not None, x.dtype
+        ctx.save_for_backward(x if xd is None else xd, gate, xa, weight, absmax, lora_a, lora_b)
+        ctx.scaling, ctx.dtype, ctx.dropout, ctx.x_dtype = scaling, dtype, xd is not None, h.dtype
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, grad):
-        xd, xa, weight, absmax, lora_a, lora_b = ctx.saved_tensors
+        xd, gate, xa, weight, absmax, lora_a, lora_b = ctx.saved_tensors
         s, dtype = ctx.scaling, ctx.dtype
         out_f, in_f = lora_b.shape[0], lora_a.shape[1]
-        need_x, need_xd, need_a, need_b = (ctx.needs_input_grad[i] for i in (0, 1, 5, 6))
-        grad_x = grad_xd = grad_a = grad_b = None
+        need_x, need_gate, need_xd, need_a, need_b = (ctx.needs_input_grad[i] for i in (0, 1, 2, 6, 7))
+        grad_x = grad_gate = grad_xd = grad_a = grad_b = None
         with torch.autocast(grad.device.type, enabled=False):
+            up = None
+            if gate is not None:  # recompute the SwiGLU product instead of having kept it
+                up, act = xd, F.silu(gate)
+                xd = act * up
             g2 = grad.reshape(-1, out_f).to(dtype)
             gb = g2 @ lora_b.to(dtype)  # (N, rank)
             if need_b:
@@ -210,16 +219,23 @@ class _FrozenLinearLora(torch.autograd.Function):
             if need_a:  # thin (rank x N) @ (N x in): computed in xd's dtype, no cast of the big operand
                 xd2 = xd.reshape(-1, in_f)
                 grad_a = (gb.t().to(xd2.dtype) @ xd2).mul_(s).to(lora_a.dtype)
-            if need_x:
+            if need_x or need_gate:
                 gx = g2 @ _base_weight(weight, absmax, (out_f, in_f), dtype)
                 if not ctx.dropout:
                     gx.addmm_(gb, lora_a.to(dtype), alpha=s)
                 grad_x = gx.view(*grad.shape[:-1], in_f).to(ctx.x_dtype)
+                if up is not None:  # through h = silu(gate) * up, with the kernels autograd would use
+                    grad_gate = torch.ops.aten.silu_backward(grad_x * up, gate) if need_gate else None
+                    grad_x = grad_x * act if need_x else None
             if need_xd:
                 grad_xd = (gb @ lora_a.to(dtype)).mul_(s).view(*grad.shape[:-1], in_f).to(xd.dtype)
-        return grad_x, grad_xd, None, None, None, grad_a, grad_b, None, None
+        return grad_x, grad_gate, grad_xd, None, None, None, grad_a, grad_b, None, None
 
 
-def frozen_linear_lora(x, xd, weight, absmax, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
-    """x W^T + b + scaling * (xd A^T) B^T, differentiable in x, xd, A and B only (see _FrozenLinearLora)."""
-    return _FrozenLinearLora.apply(x, xd, weight, absmax, bias, lora_a, lora_b, scaling, dtype)
+def frozen_linear_lora(x, xd, weight, absmax, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype,
+                       gate: torch.Tensor | None = None):
+    """h W^T + b + scaling * (xd A^T) B^T with h = x, or silu(gate) * x; differentiable in x, gate, xd,
+    A and B only (see _FrozenLinearLora). A gate needs xd = None (no LoRA dropout)."""
+    if gate is not None and xd is not None:
+        raise ValueError("a SwiGLU gate cannot be combined with LoRA dropout: pass the product instead")
+    return _FrozenLinearLora.apply(x, gate, xd, weight, absmax, bias, lora_a, lora_b, scaling, dtype)

@@ -366,3 +366,68 @@ def test_bad_lora_flags_exit_2_through_the_cli(bases, tiny_data, tmp_path, capsy
         main(["finetune", "--base", str(bases["gpt2"]), "--data", str(tiny_data), "--out", str(tmp_path / "run"),
               "--method", "lora", "--max-steps", "1", "--device", "cpu", *flags])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_swiglu_down_projection_recomputes_its_input_with_the_same_numbers(precision):
+    """Llama's LoRA down_proj takes the SwiGLU gate and recomputes silu(gate) * up in backward:
+    same loss and gradients as the plain product, one (tokens x width) tensor fewer saved per layer."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config("llama"))
+    lora.prepare_model(model, "lora", rank=4, alpha=8, dropout=0.0, targets="all-linear")
+    _nonzero_adapter(model)
+    ids = _ids(2, 16)
+
+    def run(fused: bool):
+        for block in model.transformer.h:
+            block.mlp.down_proj.takes_swiglu_gate = fused
+        model.zero_grad(set_to_none=True)
+        width = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: width.append(t.untyped_storage().data_ptr()) or t if t.shape[-1] == 48 else t,
+                lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            _, loss = model(ids[:, :-1], ids[:, 1:], return_logits=False)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, len(set(width))
+
+    plain_loss, plain_grads, plain_saved = run(False)
+    loss, grads, saved = run(True)
+    assert torch.equal(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 layers x 2 blocks
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert saved == plain_saved - 2 * 2  # per block: neither silu(gate) nor the product is kept
+
+
+def test_bf16_training_holds_the_frozen_base_in_bf16_with_identical_numbers():
+    """Under bf16 autocast the trainer stores frozen block linears in bf16: autocast would cast them
+    to exactly these values on every use, so loss and adapter gradients do not change."""
+    from pocketlm.train import store_frozen_linears
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config("llama"))
+    lora.prepare_model(model, "lora", rank=4, alpha=8, dropout=0.0, targets="attn")  # MLP stays plain, frozen
+    _nonzero_adapter(model)
+    ids = _ids(2, 16)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(ids[:, :-1], ids[:, 1:], return_logits=False)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads()
+    store_frozen_linears(model, "fp32")  # fp32 training: nothing changes
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    store_frozen_linears(model, "bf16")
+    blocks = model.transformer.h[0]
+    assert blocks.attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert blocks.mlp.up_proj.weight.dtype == torch.bfloat16
+    assert blocks.attn.q_proj.lora_A.dtype == torch.float32  # what the optimizer updates stays fp32
+    assert model.transformer.wte.weight.dtype == torch.float32 and blocks.ln_1.weight.dtype == torch.float32
+    loss, grads = loss_and_grads()
+    assert torch.equal(loss, ref_loss)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0, msg=name)
