@@ -32,13 +32,22 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def measured_bandwidth_gbs(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
+    """This machine's read bandwidth: the best of a few sums over a buffer far larger than any cache."""
+    x = torch.ones(n_bytes // 4)
+    x.sum()
+    best = min(timed(x.sum)[0] for _ in range(repeats))
+    return n_bytes / best / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2", help="a named config from `pocketlm models` (gpt2)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--bandwidth-gbs", type=float, default=17.0, help="memory bandwidth for the bound")
+    parser.add_argument("--bandwidth-gbs", type=float, default=17.0,
+                        help="nominal memory bandwidth for the bound (the measured one is printed beside it)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -94,6 +103,8 @@ def main() -> None:
 
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied weights once
     bound = args.bandwidth_gbs * 1e9 / weight_bytes
+    measured = measured_bandwidth_gbs() if device.type == "cpu" else float("nan")
+    measured_bound = measured * 1e9 / weight_bytes
     rate = {k: n / statistics.median(v) for k, v in times.items()}
     best = {k: n / min(v) for k, v in times.items()}
     same = torch.equal(results["pocketlm"].cpu(), results["transformers"].cpu())
@@ -108,14 +119,15 @@ def main() -> None:
           f"load average {load:.2f}, repeats {args.repeats}")
     print()
     print(f"{'implementation':<16}{'tokens/s (median)':>19}{'tokens/s (best)':>17}{'% of bound':>12}"
-          f"{'CPU ms/token':>14}")
+          f"{'% of measured':>15}{'CPU ms/token':>14}")
     for k in ("pocketlm", "transformers"):
         cpu_ms = 1000 * statistics.median(cpu_times[k]) / n
-        print(f"{k:<16}{rate[k]:>19.1f}{best[k]:>17.1f}{100 * rate[k] / bound:>11.0f}%{cpu_ms:>14.1f}")
+        print(f"{k:<16}{rate[k]:>19.1f}{best[k]:>17.1f}{100 * rate[k] / bound:>11.0f}%"
+              f"{100 * rate[k] / measured_bound:>14.0f}%{cpu_ms:>14.1f}")
     print()
     print(f"ratio pocketlm / transformers (median): {rate['pocketlm'] / rate['transformers']:.2f}x")
     print(f"memory-bandwidth bound: {weight_bytes / 1e6:.1f} MB of weights per token / {args.bandwidth_gbs:g} GB/s "
-          f"= {bound:.1f} tokens/s")
+          f"= {bound:.1f} tokens/s; at this machine's measured {measured:.1f} GB/s: {measured_bound:.1f} tokens/s")
     print("same greedy tokens: " + ("yes" if same else f"NO (first difference at new token {first_diff})"))
 
 

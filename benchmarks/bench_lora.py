@@ -4,6 +4,7 @@ Variants (each in its own subprocess, so its peak RSS / GPU peak belongs to it a
 
   pocketlm-lora   pocketlm.lora.prepare_model(method="lora") on pocketlm's GPT
   hf-peft         AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained(is_trainable=True)
+  pocketlm-lora-ac  the same LoRA with activation checkpointing (each block recomputed in backward)
   pocketlm-qlora  method="qlora": every block linear in NF4, adapters in fp32
   pocketlm-full   full fine-tune of the same model (for the memory comparison)
 
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("pocketlm-lora", "hf-peft", "pocketlm-qlora", "pocketlm-full")
+VARIANTS = ("pocketlm-lora", "hf-peft", "pocketlm-lora-ac", "pocketlm-qlora", "pocketlm-full")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -90,8 +91,17 @@ def run_variant(workdir: Path, variant: str, precision: str, args: argparse.Name
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--precision", precision,
            "--workdir", str(workdir), "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--lr", str(args.lr), "--rank", str(args.rank), "--alpha", str(args.alpha), "--targets", args.targets,
-           "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "--device", args.device, "--allocator", args.allocator] + (
+               ["--threads", str(args.threads)] if args.threads else [])
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)
+    if args.allocator == "tcmalloc":
+        from pocketlm.memory import find_tcmalloc
+
+        if not find_tcmalloc():
+            raise SystemExit("--allocator tcmalloc: not installed (apt-get install libgoogle-perftools4)")
+        env["LD_PRELOAD"] = find_tcmalloc()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"variant": variant, "precision": precision,
                 "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
@@ -114,8 +124,8 @@ def print_table(results: list[dict], tokens_per_step: int) -> None:
     print("\npeak = peak RSS (CUDA: peak allocated) while training; at start = before the first step; w/ load ="
           "\nprocess peak including model loading. Ratios: same precision, same invocation; 'cpu' compares"
           "\nCPU seconds per step, steadier than wall time when other processes share the cores.")
-    pairs = [("pocketlm-lora", "hf-peft"), ("pocketlm-qlora", "hf-peft"), ("pocketlm-qlora", "pocketlm-lora"),
-             ("pocketlm-lora", "pocketlm-full")]
+    pairs = [("pocketlm-lora", "hf-peft"), ("pocketlm-lora-ac", "hf-peft"), ("pocketlm-qlora", "hf-peft"),
+             ("pocketlm-qlora", "pocketlm-lora"), ("pocketlm-lora", "pocketlm-full")]
     for prec in PRECISIONS:
         for a, b in pairs:
             if (a, prec) in ok and (b, prec) in ok:
@@ -143,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--allocator", choices=("glibc", "glibc-tuned", "tcmalloc"), default="glibc-tuned",
+                   help="host allocator of every worker, both sides alike (default: pocketlm's CLI default)")
     p.add_argument("--quick", action="store_true", help="batch 2 x 64, 1 warm-up + 2 timed steps")
     p.add_argument("--json", help="also write the raw results to this file")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -167,11 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {variant} {precision}: {note}", flush=True)
                 results.append(r)
     print_table(results, args.batch * args.context)
-    from pocketlm.memory import allocator_in_effect
-
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    print(f"allocator (both sides): {allocator_in_effect()}{f' with GLIBC_TUNABLES={tunables}' if tunables else ''}"
-          " -- peak RSS depends on it: compare sides under the same one")
+    print(f"allocator (every worker alike): {args.allocator} -- peak RSS and speed depend on it "
+          "(--allocator glibc | glibc-tuned | tcmalloc)")
     print(f"\nload after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -215,6 +224,10 @@ def worker(args: argparse.Namespace) -> None:
     from pocketlm.recipe import TrainConfig
     from pocketlm.train import make_optimizer, store_frozen_linears
 
+    if args.allocator == "glibc-tuned":
+        from pocketlm.memory import tune_allocator
+
+        tune_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
@@ -230,6 +243,7 @@ def worker(args: argparse.Namespace) -> None:
             lora.prepare_model(model, method, args.rank, args.alpha, 0.0, args.targets)
             lora.LoraSaver().load(model, workdir / "init")  # the shared initial adapter
             store_frozen_linears(model, args.precision)  # as pocketlm's trainer does: bf16 base under bf16
+            model.activation_checkpointing = args.worker == "pocketlm-lora-ac"
 
         def step_loss(x, y):
             return model(x, y, return_logits=False)[1]

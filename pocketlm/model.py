@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
+from pocketlm import ops
 from pocketlm.errors import UserError
 
 
@@ -130,10 +132,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Under autocast the output is already in the autocast dtype: the next linear layer would cast
+        # it there anyway (same numbers), and what it saves for backward is half the size.
+        kind = x.device.type
+        out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        return ops.rms_norm(x, self.weight, self.eps, out_dtype)
 
 
 def _norm(config: ModelConfig) -> nn.Module:
@@ -222,11 +225,12 @@ class CausalSelfAttention(nn.Module):
         else:  # a chunk appended to a filled cache: row i sees positions <= past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=cfg.dropout if self.training else 0.0,
-            enable_gqa=cfg.kv_heads != cfg.n_head,
-        )
+        dropout = cfg.dropout if self.training else 0.0
+        if mask is None and causal and dropout == 0.0:  # training and prefill: the lean op (pocketlm.ops)
+            y = ops.attention(q, k, v, causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                               enable_gqa=cfg.kv_heads != cfg.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, cfg.n_head * cfg.head_dim)
         out = self.c_proj(y) if cfg.family == "gpt2" else self.o_proj(y)
         return self.resid_dropout(out)
@@ -252,7 +256,7 @@ class MLP(nn.Module):
         gate, up = self.gate_proj(x), self.up_proj(x)
         if getattr(self.down_proj, "takes_swiglu_gate", False):  # a LoRA layer: recomputes the product
             return self.dropout(self.down_proj(up, gate=gate))
-        return self.dropout(self.down_proj(F.silu(gate) * up))
+        return self.dropout(self.down_proj(ops.swiglu(gate, up)))
 
 
 class Block(nn.Module):
@@ -291,17 +295,29 @@ class _LMHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         dx = torch.empty_like(x) if need_x else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
-        rows = max(1, _LOSS_CHUNK_ELEMENTS // weight.shape[0])
+        rows = max(1, min(x.shape[0], _LOSS_CHUNK_ELEMENTS // weight.shape[0]))
+        # One set of chunk buffers, reused: fresh tens-of-MB tensors per chunk would each be page-faulted in.
+        buffer = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=x.device)
+        low = torch.empty_like(buffer, dtype=x.dtype) if x.dtype != torch.float32 else None
         for s in range(0, x.shape[0], rows):
             e = min(s + rows, x.shape[0])
-            logits = (x[s:e] @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
+            logits = buffer[: e - s]
+            if low is None:
+                torch.mm(x[s:e], weight.t(), out=logits)
+            else:  # the product in x's dtype (bf16 under autocast), then fp32 for the softmax
+                logits.copy_(torch.mm(x[s:e], weight.t(), out=low[: e - s]))
             picked = logits.gather(1, tgt[s:e, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(top).exp_()  # in place: one chunk of fp32 at a time, few passes over it
+            sum_exp = exp.sum(dim=-1)
+            lse = top.squeeze(1) + sum_exp.log()  # log-sum-exp as torch.logsumexp computes it
             total += torch.where(valid[s:e], lse - picked, 0.0).sum()
             if need_x or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(e - s, device=x.device), tgt[s:e]] -= 1.0
-                grad = probs.mul_(row_scale[s:e, None]).to(x.dtype)
+                # softmax - one_hot = (exp - sum_exp * one_hot) / sum_exp; the one-hot part in fp32, then
+                # the row scale and the cast to x's dtype in one pass.
+                exp[torch.arange(e - s, device=x.device), tgt[s:e]] -= sum_exp
+                scale = (row_scale[s:e] / sum_exp)[:, None]
+                grad = exp.mul_(scale) if low is None else torch.mul(exp, scale, out=low[: e - s])
                 if need_x:
                     torch.mm(grad, weight, out=dx[s:e])
                 if need_w:
@@ -338,6 +354,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.activation_checkpointing = False  # set by the trainer (TrainConfig.activation_checkpointing)
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * layers) so the residual stream's variance
         # does not grow with depth.
@@ -393,8 +410,12 @@ class GPT(nn.Module):
         else:
             rope = self._rope(start, T, idx.device)
         x = self.transformer.drop(x)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, rope, cache, layer)
+            if recompute:  # keep only the block's input; run it again in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, layer, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, layer)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)

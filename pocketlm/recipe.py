@@ -26,6 +26,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 where the hardware runs it natively)
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
     max_steps: int = 1000
     batch_tokens: int = 8192  # tokens per optimizer step, all ranks together; reached by accumulation
     micro_batch: int = 8  # sequences per forward pass
@@ -162,6 +163,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for name, kind, help_text in _FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the model")
+    parser.add_argument("--activation-checkpointing", dest="activation_checkpointing", action="store_true",
+                        default=None, help="keep only each block's input and recompute the block in backward: "
+                        "much less memory for about a third more compute")
     parser.add_argument("--fsdp", dest="fsdp", action="store_true", default=None,
                         help="shard parameters with FSDP2 (under torchrun)")
     parser.add_argument("--resume", dest="resume", action="store_true", default=None,

@@ -205,6 +205,7 @@ def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSa
         ckpt.atomic_write_text(run.dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     model.to(device)
     store_frozen_linears(model, precision)
+    model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
     state = {"step": 0, "data_position": {}, "tokens": 0, "best_val_loss": None, "best_step": None,
              "bad_evals": 0}
