@@ -313,11 +313,12 @@ class _LMHeadLoss(torch.autograd.Function):
             lse = top.squeeze(1) + sum_exp.log()  # log-sum-exp as torch.logsumexp computes it
             total += torch.where(valid[s:e], lse - picked, 0.0).sum()
             if need_x or need_w:
-                # softmax - one_hot = (exp - sum_exp * one_hot) / sum_exp; the one-hot part in fp32, then
-                # the row scale and the cast to x's dtype in one pass.
+                # softmax - one_hot = (exp - sum_exp * one_hot) / sum_exp, all in fp32, then one cast into
+                # the reused buffer (a mixed-dtype mul with out= is several times slower on CPU).
                 exp[torch.arange(e - s, device=x.device), tgt[s:e]] -= sum_exp
-                scale = (row_scale[s:e] / sum_exp)[:, None]
-                grad = exp.mul_(scale) if low is None else torch.mul(exp, scale, out=low[: e - s])
+                grad = exp.mul_((row_scale[s:e] / sum_exp)[:, None])
+                if low is not None:
+                    grad = low[: e - s].copy_(grad)
                 if need_x:
                     torch.mm(grad, weight, out=dx[s:e])
                 if need_w:
