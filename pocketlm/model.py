@@ -322,7 +322,7 @@ class _LMHeadLoss(torch.autograd.Function):
                 if need_x:
                     torch.mm(grad, weight, out=dx[s:e])
                 if need_w:
-                    dw += (grad.t() @ x[s:e]).float()
+                    dw.add_(grad.t() @ x[s:e])  # accumulated in fp32 across chunks
         ctx.save_for_backward(dx, dw)
         ctx.weight_dtype = weight.dtype
         return total / count
