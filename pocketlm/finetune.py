@@ -33,7 +33,7 @@ class AdapterOptions:
 
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    dropout: float = 0.0  # as PEFT; > 0 keeps a dropped copy of the input per adapted layer (slow, memory)
     targets: str = "attn"
 
 

@@ -188,3 +188,14 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_for_less_sav
     for name in grads:
         torch.testing.assert_close(ac_grads[name], grads[name], rtol=0, atol=0, msg=name)
     assert ac_saved < saved / 2
+
+
+def test_activation_checkpointing_flag_and_recipe_key_reach_the_config():
+    import argparse
+
+    from pocketlm.recipe import add_train_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    assert config_from_args(parser.parse_args([])).activation_checkpointing is False
+    assert config_from_args(parser.parse_args(["--activation-checkpointing"])).activation_checkpointing is True

@@ -24,7 +24,9 @@ def register(subparsers) -> None:
     lora = p.add_argument_group("LoRA / QLoRA")
     lora.add_argument("--rank", type=int, default=8, help="adapter rank")
     lora.add_argument("--alpha", type=float, default=16.0, help="adapter scaling numerator (scale = alpha/rank)")
-    lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input")
+    lora.add_argument("--lora-dropout", type=float, default=0.0,
+                      help="dropout on the adapter input (default 0, as PEFT; 0.05 measured about 2x slower with +1.7 GB "
+                      "on smollm2-135m at 8x256: every adapted layer then keeps its own dropped copy of its input)")
     lora.add_argument("--targets", default="attn",
                       help="layers to adapt: attn, attn+mlp, all-linear, or comma-separated module names")
     search = p.add_argument_group("learning-rate search")
