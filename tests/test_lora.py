@@ -24,13 +24,7 @@ FAMILY_KW = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a shared 2-core machine two OpenMP threads spin-wait on each other: one is ~10x faster here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(family: str, n_embd: int = 32) -> ModelConfig:

@@ -17,14 +17,7 @@ from pocketlm.model import GPT, ModelConfig
 from pocketlm.quant import NF4_LEVELS, NF4Linear, dequantize_nf4, quantize_nf4, quantized_bytes
 from pocketlm.tokenizer import load_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a shared 2-core machine two OpenMP threads spin-wait on each other: one is ~10x faster here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(n_embd: int = 64, vocab_size: int = 50257) -> GPT:
