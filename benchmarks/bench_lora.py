@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
-    p.add_argument("--allocator", choices=("glibc", "glibc-tuned", "tcmalloc"), default="glibc-tuned",
-                   help="host allocator of every worker, both sides alike (default: pocketlm's CLI default)")
+    p.add_argument("--allocator", choices=("auto", "glibc", "glibc-tuned", "tcmalloc"), default="auto",
+                   help="host allocator of every worker, both sides alike (default auto: what the pocketlm "
+                        "command uses here, tcmalloc if installed, else glibc-tuned)")
     p.add_argument("--quick", action="store_true", help="batch 2 x 64, 1 warm-up + 2 timed steps")
     p.add_argument("--json", help="also write the raw results to this file")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -166,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.quick:
         args.batch, args.context, args.warmup, args.steps = 2, 64, 1, 2
+    if args.allocator == "auto":
+        from pocketlm.memory import find_tcmalloc
+
+        args.allocator = "tcmalloc" if find_tcmalloc() else "glibc-tuned"
     print(f"load: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min) on {os.cpu_count()} CPUs",
           flush=True)
     results = []

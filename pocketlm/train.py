@@ -37,6 +37,7 @@ from pocketlm.distributed import (
     load_optimizer_state,
 )
 from pocketlm.errors import UserError
+from pocketlm.memory import allocator_in_effect
 from pocketlm.model import GPT
 from pocketlm.recipe import TrainConfig, add_train_arguments, config_from_args, load_recipe
 from pocketlm.tokenizer import Tokenizer, check_same_tokenizer
@@ -331,6 +332,7 @@ def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSa
         "stopped_early": stopped_early, "wall_s": round(wall, 2),
         "tokens_per_s": round(tokens_this_session / wall, 1) if wall > 0 else None,
         "peak_memory_bytes": peak_memory_bytes(device), "device": str(device), "precision": precision,
+        "allocator": allocator_in_effect() if device.type == "cpu" else None,
         "parameters": model.num_parameters(), "trainable_parameters": model.num_parameters(trainable_only=True),
         "world_size": world, **(extra_summary or {}),
     }

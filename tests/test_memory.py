@@ -143,3 +143,67 @@ def test_a_preloaded_tcmalloc_is_detected_and_left_alone():
     state, faults = _run_faults({"LD_PRELOAD": find_tcmalloc()})
     assert state == "tcmalloc"
     assert faults < 20_000
+
+
+# -- choosing the allocator: POCKETLM_ALLOCATOR and the CLI's re-execution with tcmalloc ----------
+FAKE_TCMALLOC = "/opt/fake/libtcmalloc.so.4"
+
+
+@pytest.fixture
+def fake_tcmalloc(monkeypatch):
+    import pocketlm.memory as memory
+
+    monkeypatch.setattr(memory, "find_tcmalloc", lambda: FAKE_TCMALLOC)
+    monkeypatch.setattr(memory, "preloaded_allocator", lambda: None)
+    monkeypatch.setattr(memory.platform, "system", lambda: "Linux")
+    return memory
+
+
+def test_auto_preloads_an_installed_tcmalloc_once(fake_tcmalloc):
+    env = fake_tcmalloc.tcmalloc_environment({"LD_PRELOAD": "/x/other.so", "PATH": "/bin"})
+    assert env["LD_PRELOAD"] == f"{FAKE_TCMALLOC}:/x/other.so" and env["PATH"] == "/bin"
+    assert fake_tcmalloc.tcmalloc_environment(env) is None  # the re-executed process does not exec again
+    assert fake_tcmalloc.tcmalloc_environment({"POCKETLM_ALLOCATOR": "tcmalloc"})["LD_PRELOAD"] == FAKE_TCMALLOC
+
+
+@pytest.mark.parametrize("environ", [{"POCKETLM_ALLOCATOR": "glibc-tuned"}, {"POCKETLM_ALLOCATOR": "glibc"},
+                                     {"POCKETLM_TUNE_ALLOCATOR": "0"}])
+def test_other_allocator_choices_keep_the_process(fake_tcmalloc, environ):
+    assert fake_tcmalloc.tcmalloc_environment(environ) is None
+
+
+def test_missing_tcmalloc_is_fine_under_auto_and_an_error_when_required(fake_tcmalloc, monkeypatch):
+    from pocketlm.errors import UserError
+
+    monkeypatch.setattr(fake_tcmalloc, "find_tcmalloc", lambda: None)
+    assert fake_tcmalloc.tcmalloc_environment({}) is None
+    with pytest.raises(UserError, match="apt-get install libgoogle-perftools4"):
+        fake_tcmalloc.tcmalloc_environment({"POCKETLM_ALLOCATOR": "tcmalloc"})
+
+
+def _cli(args: list[str], env_extra: dict, cwd: Path) -> subprocess.CompletedProcess:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "POCKETLM_ALLOCATOR")} | env_extra
+    return subprocess.run([sys.executable, "-m", "pocketlm", *args], env=env, capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def test_cli_rejects_an_unknown_allocator(tmp_path):
+    proc = _cli(["finetune", "--help"], {"POCKETLM_ALLOCATOR": "jemalloc2"}, tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "POCKETLM_ALLOCATOR='jemalloc2'" in proc.stderr
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.parametrize("choice", ["auto", "glibc-tuned"])
+def test_cli_training_runs_under_the_chosen_allocator(choice, tiny_data, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    proc = _cli(["pretrain", "--model", "gpt2-tiny", "--data", str(tiny_data), "--out", str(run),
+                 "--max-steps", "2", "--context", "32", "--micro-batch", "4", "--batch-tokens", "128",
+                 "--device", "cpu"], {"POCKETLM_ALLOCATOR": choice}, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = "tcmalloc" if choice == "auto" and find_tcmalloc() else "glibc-tuned"
+    assert json.loads((run / "summary.json").read_text())["allocator"] == expected

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from pocketlm.errors import UserError
-from pocketlm.memory import tune_allocator
+from pocketlm.memory import reexec_with_tcmalloc, tune_allocator
 
 # Order is the order of `pocketlm --help`.
 COMMAND_MODULES = [
@@ -44,14 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that train, load or run models: worth a faster allocator (see pocketlm/memory.py).
+_HEAVY_COMMANDS = {"demo", "prepare", "pretrain", "finetune", "generate", "eval", "export", "merge"}
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in _HEAVY_COMMANDS:
+        try:  # from a shell: restart once with tcmalloc preloaded where installed (POCKETLM_ALLOCATOR)
+            reexec_with_tcmalloc(sys.argv[1:])
+        except UserError as exc:
+            print(f"pocketlm: error: {exc}", file=sys.stderr)
+            sys.exit(2)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         sys.exit(2)
-    tune_allocator()  # reuse freed memory instead of page-faulting it back each step (POCKETLM_TUNE_ALLOCATOR=0: off)
     try:
+        tune_allocator()  # reuse freed memory instead of page-faulting it back each step (POCKETLM_ALLOCATOR)
         args.func(args)
     except UserError as exc:
         print(f"pocketlm {args.command}: error: {exc}", file=sys.stderr)
