@@ -201,19 +201,17 @@ def _status_bytes(field: str) -> int:
 
 
 def _reset_peak_rss() -> None:
-    """Start the training peak from here: hand freed heap back to the OS (glibc), then reset VmHWM.
+    """Start the training peak from here: hand freed heap back to the OS, then reset VmHWM.
 
     Loading a model briefly holds extra copies (file buffers, fp32 weights before NF4); that is not
     fine-tuning memory, so the peak that counts is the one reached while training.
     """
-    import ctypes
     import gc
 
+    from pocketlm.memory import release_free_memory
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
+    release_free_memory()  # glibc: malloc_trim; tcmalloc: ReleaseFreeMemory -- both sides alike
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux >= 4.0: reset the peak resident set size

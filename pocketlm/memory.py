@@ -103,6 +103,26 @@ def allocator_in_effect() -> str:
     return preloaded_allocator() or ("glibc" if platform.libc_ver()[0] == "glibc" else "system")
 
 
+def release_free_memory() -> None:
+    """Hand memory that is free inside the allocator back to the kernel, once, before training starts.
+
+    Setting up leaves garbage behind (a checkpoint's buffers; fp32 weights that the trainer has since
+    cast to bf16): about 0.25 GB for smollm2-135m. Training would reuse only part of it, so without
+    this it stays in the resident set and adds to the peak. Both tuned glibc (no automatic trimming)
+    and tcmalloc (gradual release) keep it otherwise. A no-op elsewhere.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return
+    if preloaded_allocator() == "tcmalloc":
+        release = getattr(libc, "MallocExtension_ReleaseFreeMemory", None)
+        if release is not None:
+            release()
+    elif platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        libc.malloc_trim(0)
+
+
 def allocator_choice(environ: os._Environ | dict | None = None) -> str:
     """The POCKETLM_ALLOCATOR setting (see the module doc); POCKETLM_TUNE_ALLOCATOR=0 still means glibc."""
     environ = os.environ if environ is None else environ

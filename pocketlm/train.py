@@ -37,7 +37,7 @@ from pocketlm.distributed import (
     load_optimizer_state,
 )
 from pocketlm.errors import UserError
-from pocketlm.memory import allocator_in_effect
+from pocketlm.memory import allocator_in_effect, release_free_memory
 from pocketlm.model import GPT
 from pocketlm.recipe import TrainConfig, add_train_arguments, config_from_args, load_recipe
 from pocketlm.tokenizer import Tokenizer, check_same_tokenizer
@@ -228,6 +228,8 @@ def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSa
     if trainer is not None:
         load_optimizer_state(model, optimizer, trainer["optimizer"])
     start_step = state["step"]
+    if device.type == "cpu":
+        release_free_memory()  # setting up left freed copies behind: not part of training's footprint
     batch_cache: dict[int, Batches] = {}
     val_cache: dict[int, Batches] = {}
     world = dist_info.world_size

@@ -207,3 +207,30 @@ def test_cli_training_runs_under_the_chosen_allocator(choice, tiny_data, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = "tcmalloc" if choice == "auto" and find_tcmalloc() else "glibc-tuned"
     assert json.loads((run / "summary.json").read_text())["allocator"] == expected
+
+
+_RELEASE_SCRIPT = """
+import gc
+from pocketlm.memory import release_free_memory, tune_allocator
+tune_allocator()  # tuned glibc never trims on its own: freed memory stays resident until released
+import torch
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+held = [torch.ones(900_000) for _ in range(150)]  # ~0.5 GB in weight-sized blocks
+del held
+gc.collect()
+before = rss()
+release_free_memory()
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_release_free_memory_hands_freed_memory_back():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "POCKETLM_ALLOCATOR")}
+    out = subprocess.run([sys.executable, "-c", _RELEASE_SCRIPT], env=env, capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    assert int(out.stdout.strip()) > 400 * 2**20

@@ -199,3 +199,16 @@ def test_activation_checkpointing_flag_and_recipe_key_reach_the_config():
     add_train_arguments(parser)
     assert config_from_args(parser.parse_args([])).activation_checkpointing is False
     assert config_from_args(parser.parse_args(["--activation-checkpointing"])).activation_checkpointing is True
+
+
+@pytest.mark.slow  # inductor compiles C++ on the CPU: about a minute on 2 cores
+def test_compiled_training_follows_eager_training(tiny_data, tmp_path):
+    eager = _losses_of(_cfg(tiny_data, tmp_path / "eager", max_steps=3, eval_every=100))
+    compiled = _losses_of(_cfg(tiny_data, tmp_path / "compiled", max_steps=3, eval_every=100, compile=True))
+    assert [s for s, _ in compiled] == [1, 2, 3]
+    assert [loss for _, loss in compiled] == pytest.approx([loss for _, loss in eager], rel=1e-3)
+
+
+def _losses_of(cfg: TrainConfig) -> list[tuple[int, float]]:
+    _train(cfg)
+    return _losses(Path(cfg.out))
