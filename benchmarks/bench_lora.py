@@ -90,7 +90,8 @@ def prepare(workdir: Path, args: argparse.Namespace) -> str:
 def run_variant(workdir: Path, variant: str, precision: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--precision", precision,
            "--workdir", str(workdir), "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--lr", str(args.lr), "--rank", str(args.rank), "--alpha", str(args.alpha), "--targets", args.targets,
+           "--lr", str(args.full_lr if variant == "pocketlm-full" else args.lr), "--rank", str(args.rank),
+           "--alpha", str(args.alpha), "--targets", args.targets,
            "--device", args.device, "--allocator", args.allocator] + (
                ["--threads", str(args.threads)] if args.threads else [])
     env = dict(os.environ)
@@ -143,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--steps", type=int, default=4, help="timed steps")
     p.add_argument("--eval-batches", type=int, default=2, help="validation batches after training")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="adapters' learning rate (as the shakespeare-lora recipe)")
+    p.add_argument("--full-lr", type=float, default=1e-4,
+                   help="pocketlm-full's learning rate (as shakespeare-full: 1e-3 makes a full fine-tune diverge)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--targets", default="all-linear")
@@ -185,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(r)
     print_table(results, args.batch * args.context)
     print(f"allocator (every worker alike): {args.allocator} -- peak RSS and speed depend on it "
-          "(--allocator glibc | glibc-tuned | tcmalloc)")
+          "(--allocator auto | glibc | glibc-tuned | tcmalloc)")
     print(f"\nload after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
