@@ -24,8 +24,8 @@ tuned glibc), tcmalloc (required: an error if missing), glibc-tuned, glibc.
 
 Measured with benchmarks/bench_train.py (gpt2, batch 8 x 256, 2-core Xeon): plain glibc page-faults
 ~355k times per step (1.5 s of kernel time); tuned, none; +4-14% tokens/s, +2-4% peak RSS. tcmalloc
-(LD_PRELOAD of find_tcmalloc()) is about as fast and holds ~8% less peak RSS, but needs a system
-package and a preload before the process starts, so it stays an option rather than the default.
+(LD_PRELOAD of find_tcmalloc()) is about as fast and holds ~8% less peak RSS there; it needs a system
+package and a preload before the process starts, hence the CLI's re-execution rather than a dependency.
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ def tune_allocator() -> str:
     preloaded = preloaded_allocator()
     if preloaded:
         _state = preloaded
-    elif allocator_choice() == "glibc":
-        _state = "glibc" if platform.libc_ver()[0] == "glibc" else "system"
-    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    elif not _on_glibc():
         _state = "system"
+    elif allocator_choice() == "glibc":
+        _state = "glibc"
     else:
         libc = ctypes.CDLL(None)
         # mallopt takes an int; glibc converts the threshold to size_t, so -1 means "never trim".
@@ -100,7 +100,11 @@ def allocator_in_effect() -> str:
     """A short name for the allocator this process uses, for logs and benchmark tables."""
     if _state is not None:
         return _state
-    return preloaded_allocator() or ("glibc" if platform.libc_ver()[0] == "glibc" else "system")
+    return preloaded_allocator() or ("glibc" if _on_glibc() else "system")
+
+
+def _on_glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def release_free_memory() -> None:
@@ -119,7 +123,7 @@ def release_free_memory() -> None:
         release = getattr(libc, "MallocExtension_ReleaseFreeMemory", None)
         if release is not None:
             release()
-    elif platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    elif _on_glibc():
         libc.malloc_trim(0)
 
 

@@ -118,11 +118,15 @@ print(state, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _run_faults(env_extra: dict) -> tuple[str, int]:
+def _clean_env(extra: dict | None = None) -> dict:
+    """This environment without a preloaded or chosen allocator, plus `extra`."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | env_extra
-    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, capture_output=True, text=True,
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "POCKETLM_ALLOCATOR")} | (extra or {})
+
+
+def _run_faults(env_extra: dict) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=_clean_env(env_extra), capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1])
     state, faults = out.stdout.split()
     return state, int(faults)
@@ -182,10 +186,7 @@ def test_missing_tcmalloc_is_fine_under_auto_and_an_error_when_required(fake_tcm
 
 
 def _cli(args: list[str], env_extra: dict, cwd: Path) -> subprocess.CompletedProcess:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "POCKETLM_ALLOCATOR")} | env_extra
-    return subprocess.run([sys.executable, "-m", "pocketlm", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pocketlm", *args], env=_clean_env(env_extra), capture_output=True, text=True,
                           cwd=cwd)
 
 
@@ -228,9 +229,6 @@ print(before - rss())
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_release_free_memory_hands_freed_memory_back():
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "POCKETLM_ALLOCATOR")}
-    out = subprocess.run([sys.executable, "-c", _RELEASE_SCRIPT], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _RELEASE_SCRIPT], env=_clean_env(), capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1])
     assert int(out.stdout.strip()) > 400 * 2**20

@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that train, load or run models: worth a faster allocator (see pocketlm/memory.py).
-_HEAVY_COMMANDS = {"demo", "prepare", "pretrain", "finetune", "generate", "eval", "export", "merge"}
+# Every command but the listing loads or runs models: worth a faster allocator (see pocketlm/memory.py).
+_HEAVY_COMMANDS = set(COMMAND_MODULES) - {"models"}
 
 
 def main(argv: list[str] | None = None) -> None:
