@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "eval",
     "export",
     "merge",
+    "synth",
 ]
 
 

@@ -335,6 +335,8 @@ class Corpus:
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{path} line {number} is not valid JSON ({exc.msg}, column {exc.colno}): "
                                     "fix or delete that line") from None
+                if isinstance(obj, dict) and obj.get("kept") is False:
+                    continue  # a sample `pocketlm synth` dropped: its record stays, its text is not data
                 if not isinstance(obj, dict) or self.text_field not in obj:
                     fields = ", ".join(map(str, obj)) if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
                     raise UserError(f"{path} line {number} has no field {self.text_field!r} (it has: {fields}): "
