@@ -18,7 +18,7 @@ from pocketlm import hf
 from pocketlm.atomic import AtomicDir, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
 from pocketlm.errors import UserError
 from pocketlm.model import GPT
-from pocketlm.tokenizer import Tokenizer, load_tokenizer
+from pocketlm.tokenizer import Tokenizer, load_tokenizer, read_json_file
 
 
 def write_model_files(model: GPT, tokenizer: Tokenizer | None, directory: Path, metadata: dict | None = None) -> None:
@@ -56,7 +56,10 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     if single.exists():
         return read_safetensors(single)
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_file(index, "weights index").get("weight_map") if index.stat().st_size else None
+        if not isinstance(weight_map, dict):
+            raise UserError(f"weights index {index} has no weight_map: restore the model folder")
+        shards = sorted(set(weight_map.values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             state.update(read_safetensors(folder / shard))
@@ -93,8 +96,15 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu",
     if not config_path.exists():
         raise UserError(f"{folder} is not a model folder: config.json is missing")
     tokenizer = load_tokenizer(folder) if _has_tokenizer(folder) else None
-    config = hf.from_hf_config(json.loads(config_path.read_text()), name=folder.name,
-                               tokenizer=str(folder) if tokenizer is not None else "")
+    raw_config = read_json_file(config_path, "model config")
+    if not isinstance(raw_config, dict):
+        raise UserError(f"model config {config_path} is not a JSON object: restore the model folder")
+    try:
+        config = hf.from_hf_config(raw_config, name=folder.name,
+                                   tokenizer=str(folder) if tokenizer is not None else "")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"model config {config_path} is incomplete or invalid ({type(exc).__name__}: {exc}): "
+                        "restore the model folder") from None
     if tokenizer is None:
         tokenizer = load_tokenizer(config.tokenizer or "gpt2")
     if tokenizer.vocab_size > config.embedding_rows:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from pocketlm.atomic import disk_full_error
 from pocketlm.errors import UserError
 from pocketlm.gguf_import import permute_qk, pocketlm_to_gguf_name
 from pocketlm.model import GPT
@@ -121,10 +122,17 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = 
         data = array if kind == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(array, kind)
         writer.add_tensor(pocketlm_to_gguf_name(name, cfg.family), data, raw_dtype=kind)
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    tmp.replace(path)  # a crash never leaves a half-written file under the final name
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        tmp.replace(path)  # a crash never leaves a half-written file under the final name
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        full = disk_full_error(exc, path)
+        if full is not None:
+            raise full from exc
+        raise
     return path

@@ -275,15 +275,18 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
                         f"--model {source}`, or give a base ({', '.join(BUILTIN_BASES)}), a model folder, a .gguf "
                         "file or a Hub id in the cache")
     if "/" in source and _HUB_ID.match(source):
-        raise UserError(f"model {source} is not available offline: {_not_cached_message([source])}")
+        raise UserError(f"{source} is neither a file or folder here nor a model in the Hugging Face cache: check the "
+                        f"path; for a Hub id, {_not_cached_message([source])}")
     raise UserError(f"unknown model {source!r}: give a run directory, a model folder, a .gguf file, a built-in "
                     f"base ({', '.join(BUILTIN_BASES)}), a named config with cached weights "
                     f"({', '.join(HUB_IDS)}) or a Hub id (org/name) in the Hugging Face cache")
 
 
 def _looks_like_path(source: str) -> bool:
-    """A filesystem path rather than a name or an "org/name" Hub id."""
+    """A filesystem path rather than a name or an "org/name" Hub id (`runs/nope` where a folder `runs` exists
+    here is a mistyped path, not a Hub id to download)."""
     return (source.startswith(("/", "./", "../", "~", "\\")) or source.count("/") > 1
+            or ("/" in source and Path(source).parent.is_dir())
             or source.lower().endswith((".gguf", ".safetensors", ".bin", ".json", ".txt", ".pt")))
 
 

@@ -7,6 +7,7 @@ pocketlm/recipes/NAME.yaml and are named without the extension (`--config shakes
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -56,6 +57,11 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters with FSDP2 under torchrun
 
     def validate(self) -> None:
+        check_types(self.to_dict(), "settings")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "dropout"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise UserError(f"{name.replace('_', '-')} must be a finite number, got {value}")
         positive = ["max_steps", "batch_tokens", "micro_batch", "eval_every", "eval_batches", "log_every"]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -96,6 +102,35 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list,)}
+
+
+def _numbers_from_strings(values: dict) -> dict:
+    """YAML 1.1 reads `1e-3` (no dot) as a string: such strings become the floats they spell."""
+    for name, value in values.items():
+        if isinstance(value, str) and name in FIELDS and "float" in str(FIELDS[name].type):
+            try:
+                values[name] = float(value)
+            except ValueError:
+                pass  # check_types says what is wrong
+    return values
+
+
+def check_types(values: dict, where: str) -> None:
+    """Each value has its field's type (YAML gives strings, numbers, booleans, lists): one line if not."""
+    for name, value in values.items():
+        if name not in FIELDS:
+            continue
+        kinds = [k.strip() for k in str(FIELDS[name].type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        allowed = tuple(t for k in kinds for t in _KINDS.get(k, ()))
+        if isinstance(value, bool) and bool not in allowed:
+            allowed = ()  # YAML's `yes` is a bool, which Python would take for the int 1
+        if not isinstance(value, allowed):
+            wanted = " or ".join(k if k != "None" else "null" for k in kinds)
+            raise UserError(f"{where}: {name} must be {wanted}, got {value!r} ({type(value).__name__}): fix its "
+                            "value")
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -122,6 +157,7 @@ def load_recipe(name_or_path: str | None, overrides: dict | None = None) -> Trai
         unknown = sorted(set(loaded) - set(FIELDS))
         if unknown:
             raise UserError(f"recipe {path} has unknown keys {unknown}: valid keys are {sorted(FIELDS)}")
+        check_types(_numbers_from_strings(loaded), f"recipe {path}")
         values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainConfig(**values)

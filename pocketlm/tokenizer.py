@@ -138,13 +138,35 @@ def _guess_special(backend: HFTokenizer, config: dict, key: str, candidates: lis
     return None
 
 
+def read_json_file(path: Path, what: str):
+    """A JSON file, or a one-line UserError naming it when it is unreadable, truncated or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} is corrupt or truncated ({str(exc).splitlines()[0][:120]}): restore or "
+                        "re-create it") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def read_tokenizer_json(path: Path) -> HFTokenizer:
+    """A tokenizers-library tokenizer.json, refused in one line when corrupt."""
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - the Rust loader raises a bare Exception for any bad file
+        raise UserError(f"tokenizer file {path} is corrupt or not a tokenizer.json "
+                        f"({str(exc).splitlines()[0][:120]}): restore it, or pass another --tokenizer") from None
+
+
 def from_hf_folder(folder: Path) -> Tokenizer:
     """A Hugging Face tokenizer folder: tokenizer.json, or GPT-2-style vocab.json + merges.txt."""
     config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = read_json_file(config_path, "tokenizer config") if config_path.exists() else {}
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} is not a JSON object: restore the tokenizer files, or delete it")
     name = config.get("pocketlm_name") or str(folder)
     if (folder / "tokenizer.json").exists():
-        backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        backend = read_tokenizer_json(folder / "tokenizer.json")
         eos = _guess_special(backend, config, "eos_token", [GPT2_EOT, "<|im_end|>", "</s>", "<|end_of_text|>"])
         bos = _guess_special(backend, config, "bos_token", [])
         return Tokenizer(backend, name=name, eos_token=eos, bos_token=bos if bos != eos else None)
@@ -166,7 +188,7 @@ def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
         if path.is_dir() and ((path / "tokenizer.json").exists() or (path / "vocab.json").exists()):
             tok = from_hf_folder(path)
         elif path.is_file() and path.name.endswith(".json"):
-            backend = HFTokenizer.from_file(str(path))
+            backend = read_tokenizer_json(path)
             eos = _guess_special(backend, {}, "eos_token", [GPT2_EOT, "<|im_end|>", "</s>"])
             tok = Tokenizer(backend, name=str(path), eos_token=eos)
         else:

@@ -39,6 +39,7 @@ from pocketlm.distributed import (
 from pocketlm.errors import UserError
 from pocketlm.memory import allocator_in_effect, release_free_memory
 from pocketlm.model import GPT
+from pocketlm.preflight import check_before_training
 from pocketlm.recipe import TrainConfig, add_train_arguments, config_from_args, load_recipe
 from pocketlm.tokenizer import Tokenizer, check_same_tokenizer
 
@@ -196,6 +197,7 @@ def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSa
             if isinstance(module, torch.nn.Dropout):
                 module.p = cfg.dropout
     model_context = min(model.config.block_size, train_split.tokens - 1)
+    check_before_training(cfg, model.config.block_size, train_split, val_split, dist_info.world_size)
 
     # Resume or start.
     latest = ckpt.checkpoint_dir(run.dir, "latest")

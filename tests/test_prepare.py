@@ -292,14 +292,23 @@ def test_load_manifest_errors(many_docs, tmp_path):
         load_manifest(tmp_path / "out")
 
 
-def test_failed_prepare_leaves_no_manifest(many_docs, tmp_path):
+def test_failed_prepare_keeps_the_previous_data_set(many_docs, tmp_path):
     path, _ = many_docs
     out = tmp_path / "out"
     prepare(path, out, min_val_tokens=1)
-    assert (out / "manifest.json").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(UserError, match="min-val-tokens"):
         prepare(path, out, val_documents=1, min_val_tokens=10_000)
-    assert not (out / "manifest.json").exists() and not list(out.glob("*.bin"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old data set, intact
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left beside it
+    load_manifest(out)
+
+
+def test_failed_first_prepare_leaves_nothing(many_docs, tmp_path):
+    path, _ = many_docs
+    with pytest.raises(UserError, match="min-val-tokens"):
+        prepare(path, tmp_path / "out", val_documents=1, min_val_tokens=10_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
 
 
 # -- the command line -------------------------------------------------------------------------------------------

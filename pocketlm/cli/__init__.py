@@ -7,6 +7,7 @@ Every subcommand module defines `register(subparsers)`, which adds its parser an
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -49,6 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
 _HEAVY_COMMANDS = set(COMMAND_MODULES) - {"models"}
 
 
+_OS_ADVICE = {
+    errno.ENOSPC: "free some space, or write to another disk",
+    errno.EDQUOT: "free some space, or write to another disk",
+    errno.EACCES: "check the permissions, or choose another path",
+    errno.EPERM: "check the permissions, or choose another path",
+    errno.EROFS: "the file system is read-only: choose a writable path",
+    errno.EISDIR: "that is a folder: give a file path",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+    errno.EEXIST: "it already exists: choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """`cannot access PATH: <reason>: <what to do>` for an OSError that reached the command line."""
+    where = exc.filename if exc.filename is not None else "a file"
+    if exc.filename2 is not None:  # a rename: the destination is the path the user named
+        where = exc.filename2
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    advice = _OS_ADVICE.get(exc.errno, "check the path and the disk")
+    return f"cannot access {where}: {reason}: {advice}"
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] in _HEAVY_COMMANDS:
         try:  # from a shell: restart once with tcmalloc preloaded where installed (POCKETLM_ALLOCATOR)
@@ -70,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # e.g. `pocketlm models | head`: the reader left, nothing is wrong
         sys.stderr.close()
         sys.exit(0)
+    except OSError as exc:  # the operating system refused a read or write: one line, like a user error
+        print(f"pocketlm {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print(f"pocketlm {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -82,7 +82,13 @@ def _no_model(args: argparse.Namespace) -> bool:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every input mistake, before a model is loaded."""
+    from pocketlm.atomic import check_output_file
     from pocketlm.eval.forms import get_form
+
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    if getattr(args, "write_prompts", None) is not None:
+        check_output_file(args.write_prompts, "--write-prompts")
 
     probes = args.text is not None or args.data is not None or args.multiple_choice is not None
     # `none --sonnet-prompts P G --write-prompts OUT` only builds the prompt file.

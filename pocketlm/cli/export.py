@@ -38,6 +38,12 @@ def export(source: str, out: str | Path, dtype: str = "fp32", fmt: str = "hf", o
         raise UserError(f"--dtype {dtype} is only for --format gguf: choose one of {', '.join(DTYPES)}")
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise UserError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
+    from pocketlm.atomic import check_output_dir, check_output_file
+
+    if fmt == "gguf":
+        check_output_file(out, "--out")
+    else:
+        check_output_dir(out, "--out")
     import torch
 
     from pocketlm import checkpoint

@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> None:
         repetition_penalty=args.repetition_penalty, stop=list(args.stop), num_samples=args.num_samples,
         seed=args.seed,
     )
+    if args.json is not None:
+        from pocketlm.atomic import check_output_file
+
+        check_output_file(args.json, "--json")
     if args.adapter is not None and not args.adapter.is_dir():
         raise UserError(f"--adapter {args.adapter} is not a folder: give the adapter folder a LoRA run saved")
     prompt = _read_prompt(args)

@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise UserError(f"{out} already exists and is not empty: choose another --out or pass --force")
+    from pocketlm.atomic import check_output_dir
+
+    check_output_dir(out, "--out")
     folder = lora.find_adapter_folder(args.source)
     model, tokenizer = lora.load_base_and_adapter(folder, base=args.base)
     meta = dict(getattr(model, "_pocketlm_lora", {}))

@@ -10,24 +10,18 @@ of the whole run is window `g % n` of epoch `g // n`: the data position is a sin
 from __future__ import annotations
 
 import bisect
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pocketlm.data.manifest import load_manifest
 from pocketlm.errors import UserError
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
-    if not path.exists():
-        raise UserError(f"{data_dir} is not a prepared data set (no manifest.json): run `pocketlm prepare SOURCE "
-                        f"--out {data_dir}` first")
-    manifest = json.loads(path.read_text())
-    if not str(manifest.get("format", "")).startswith("pocketlm.tokens"):
-        raise UserError(f"{path} is not a pocketlm token manifest: run `pocketlm prepare` to make one")
-    return manifest
+    """A prepared data set's manifest, checked (pocketlm.data.manifest)."""
+    return load_manifest(data_dir)
 
 
 class TokenSplit:

@@ -3,19 +3,19 @@
 Two streaming passes over the source: the first counts documents (so the train/val split is an exact,
 seeded choice of documents) and hashes the files; the second tokenizes chunks of document pieces,
 in a background thread (tokenizers' encode_batch is multithreaded in Rust) or in worker processes,
-and appends the ids to shards of at most `shard_tokens` tokens, written under their final names.
-manifest.json is written last and atomically: a prepare that dies leaves no manifest, so nothing
-reads half a data set.
+and appends the ids to shards of at most `shard_tokens` tokens. Everything is written into a temporary
+folder beside DIR that replaces DIR only when complete (manifest.json last): a prepare that fails, is
+interrupted or killed never leaves DIR half-written, and a data set that was there stays intact.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import multiprocessing
 import os
 import random
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -25,13 +25,12 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
-from pocketlm.atomic import atomic_write_json
+from pocketlm.atomic import atomic_write_json, clean_stale_temporaries, make_temp_dir, replace_dir
+from pocketlm.data.manifest import FORMAT, SPLITS, load_manifest  # noqa: F401 (load_manifest re-exported)
 from pocketlm.data.sources import Corpus, Piece
 from pocketlm.errors import UserError
 from pocketlm.tokenizer import Tokenizer, load_tokenizer
 
-FORMAT = "pocketlm.tokens.v1"
-SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_MIN_VAL_TOKENS = 1025  # one window of the default 1024-token context, plus its shifted target
@@ -91,9 +90,8 @@ def _executor(tokenizer: Tokenizer, workers: int) -> tuple[Executor, Callable[[l
 class ShardWriter:
     """Appends token ids to DIR/<split>_NNNNNN.bin, starting a new file every shard_tokens tokens."""
 
-    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int, written: list[Path]) -> None:
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
-        self.written = written  # every file created, so a failed prepare can remove them
         self.shards: list[dict] = []
         self.file = None
         self.tokens = self.documents = self.bytes = 0
@@ -101,7 +99,6 @@ class ShardWriter:
     def _next_shard(self) -> None:
         self._close_file()
         name = f"{self.split}_{len(self.shards):06d}.bin"
-        self.written.append(self.out / name)
         self.file = open(self.out / name, "wb")  # closed in _close_file
         self.shards.append({"file": name, "tokens": 0})
 
@@ -184,15 +181,23 @@ def _chunks(items: Iterable[tuple[str, str, bool]], chunk_chars: int) -> Iterato
         yield chunk
 
 
-def _clear_outputs(out: Path) -> None:
-    """Remove an old manifest first (so a crash from here on leaves none), then old shards."""
+# What a prepared data set folder holds; --out may hold nothing else (it is replaced as a whole).
+_DATA_SET_FILES = {"manifest.json", "tokenizer.json", "tokenizer_config.json"}
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse an --out that is a file or holds files that are not a prepared data set's, before any work."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a folder for the data set")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)
-    for old in out.iterdir():
-        if _SHARD_NAME.match(old.name):
-            old.unlink()
+    if out.is_dir():
+        try:
+            names = [p.name for p in out.iterdir()]
+        except OSError as exc:
+            raise UserError(f"cannot read --out {out}: {exc.strerror or exc}") from None
+        others = sorted(n for n in names if n not in _DATA_SET_FILES and not _SHARD_NAME.match(n))
+        if others:
+            raise UserError(f"--out {out} holds files that are not a prepared data set ({', '.join(others[:3])}"
+                            f"{', ...' if len(others) > 3 else ''}): give a new or empty folder")
 
 
 def _stderr(message: str) -> None:
@@ -213,6 +218,8 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
         raise UserError(f"--shard-tokens must be at least 1 (got {shard_tokens})")
     if workers < 1:
         raise UserError(f"--workers must be at least 1 (got {workers})")
+    out = Path(out)
+    check_output_folder(out)
     corpus = Corpus(source, delimiter=delimiter, delimiter_regex=delimiter_regex, text_field=text_field,
                     column=column)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
@@ -237,11 +244,12 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
     hashes = [f.record() for f in corpus.files]
     mode, val, cut = _plan_split(documents, chars, val_fraction, val_documents, seed)
 
-    # Pass 2: tokenize and write.
-    out = Path(out)
-    _clear_outputs(out)
-    written: list[Path] = []
-    writers = {s: ShardWriter(out, s, dtype, shard_tokens, written) for s in SPLITS}
+    # Pass 2: tokenize and write, into a temporary folder beside --out that replaces it only when complete:
+    # a prepare that fails or is interrupted leaves --out as it was (a killed one leaves the temporary
+    # folder, removed by the next prepare).
+    clean_stale_temporaries(out.parent, out.name)
+    tmp = make_temp_dir(out)
+    writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
     eot = np.array([tok.eos_id], dtype=dtype)
     pool, submit = _executor(tok, workers)
     pending: collections.deque[tuple[list, Future]] = collections.deque()
@@ -274,7 +282,7 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
                     f"the validation split has {splits['val']['tokens']} tokens, fewer than --min-val-tokens "
                     f"{min_val_tokens} (one context window + 1): raise --val-fraction or --val-documents, "
                     "lower --min-val-tokens, or add data")
-        tok.save(out)
+        tok.save(tmp)
         manifest = {
             "format": FORMAT,
             "tokenizer": tok.describe(),
@@ -294,12 +302,12 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
             "min_val_tokens": min_val_tokens,
             "source": corpus.describe(),
         }
-        atomic_write_json(out / "manifest.json", manifest)
+        atomic_write_json(tmp / "manifest.json", manifest)
+        replace_dir(tmp, out)  # renames; the old data set is removed only afterwards
     except BaseException:
         for writer in writers.values():
             writer._close_file()
-        for path in written:
-            path.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     if corpus.replaced_characters:
         log(f"warning: {corpus.replaced_characters} undecodable byte sequence(s) in {corpus.source} were "
@@ -310,35 +318,6 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
 
 
 # -- reading a prepared data set ------------------------------------------------------------------------
-def load_manifest(directory: str | Path) -> dict:
-    """DIR/manifest.json, checked: format, splits, and every shard present with the size it should have."""
-    directory = Path(directory)
-    path = directory / "manifest.json"
-    hint = f"run `pocketlm prepare SOURCE --out {directory}` first"
-    if not path.is_file():
-        raise UserError(f"{directory} is not a prepared data set (no manifest.json): {hint}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is corrupt ({exc}): {hint.replace('first', 'again')}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise UserError(f"{path} has format {found!r}, not {FORMAT!r}: {hint.replace('first', 'again')}")
-    missing = [k for k in ("tokenizer", "dtype", "eot_id", "splits") if k not in manifest]
-    if missing or manifest["dtype"] not in ("uint16", "uint32") or set(manifest["splits"]) != set(SPLITS):
-        raise UserError(f"{path} is incomplete or invalid ({', '.join(missing) or 'dtype/splits'}): "
-                        f"{hint.replace('first', 'again')}")
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
-            file = directory / shard["file"]
-            size = file.stat().st_size if file.is_file() else None
-            if size != shard["tokens"] * itemsize:
-                state = "missing" if size is None else f"{size} bytes, expected {shard['tokens'] * itemsize}"
-                raise UserError(f"{split} shard {file} is {state}: {hint.replace('first', 'again')}")
-    return manifest
-
-
 def split_memmaps(directory: str | Path, split: str, manifest: dict | None = None) -> list[np.memmap]:
     """The shards of one split as read-only memory maps (an empty split has none)."""
     manifest = manifest or load_manifest(directory)

