@@ -323,7 +323,7 @@ _READ_KEYS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
     "bias", "use_rslora", "init_lora_weights", "runtime_config", "megatron_core", "qalora_group_size",
-    "layers_pattern", "ensure_weight_tying",
+    "layers_pattern", "ensure_weight_tying", "modules_to_save",
 }
 
 
@@ -380,6 +380,46 @@ def _read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
             raise UserError(f"cannot read {legacy} safely (weights_only): {exc}") from exc
     raise UserError(f"no adapter weights in {folder}: expected {WEIGHTS_FILE}")
+
+
+def _split_saved_modules(cfg: dict, weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(LoRA weights, {module name: {parameter: tensor}}): PEFT saves `modules_to_save` (a classifier's
+    head, `score`) whole beside A and B, under base_model.model.<module>.<parameter>."""
+    names = list(cfg.get("modules_to_save") or [])
+    lora_weights: dict[str, torch.Tensor] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        rest = key.removeprefix(_PREFIX)
+        owner = next((n for n in names if rest.startswith(n + ".")), None)
+        if owner is None:
+            lora_weights[key] = tensor
+        else:
+            saved.setdefault(owner, {})[rest[len(owner) + 1:].replace("modules_to_save.default.", "")] = tensor
+    return lora_weights, saved
+
+
+def _load_saved_modules(model: nn.Module, cfg: dict, saved: dict[str, dict[str, torch.Tensor]],
+                        folder: Path) -> None:
+    modules = dict(model.named_modules())
+    family = model.config.family
+    for name in cfg.get("modules_to_save") or []:
+        # PEFT lists both "classifier" and "score" for SEQ_CLS adapters and saves the one the model has.
+        if name not in saved and hf.from_hf_name(name, family) in modules:
+            raise UserError(f"the adapter in {folder} lists {name!r} in modules_to_save but holds no weights for "
+                            "it: re-save it with PEFT")
+    for hf_name, params in saved.items():
+        module = modules.get(hf.from_hf_name(hf_name, family))
+        if module is None:
+            raise UserError(f"the adapter in {folder} also holds a trained {hf_name!r} module (PEFT "
+                            "modules_to_save) that this model lacks: it is a classifier adapter, evaluate it "
+                            "with `pocketlm eval RUN --classify FILE`")
+        expected = module.state_dict()
+        if set(params) != set(expected) or any(params[k].shape != expected[k].shape for k in params):
+            raise UserError(f"the {hf_name!r} weights in the adapter in {folder} do not fit this model "
+                            f"({ {k: tuple(v.shape) for k, v in params.items()} }): it was made for another model")
+        with torch.no_grad():
+            for k, tensor in params.items():
+                expected[k].copy_(tensor)
 
 
 def _config_targets(model: nn.Module, cfg: dict, folder: Path) -> list[str]:
@@ -451,9 +491,10 @@ def load_adapter(model: nn.Module, folder: str | Path) -> dict:
     cfg = read_adapter_config(folder)
     sidecar = _read_sidecar(folder)
     names = _config_targets(model, cfg, folder)
-    weights = _read_adapter_weights(folder)
+    weights, saved = _split_saved_modules(cfg, _read_adapter_weights(folder))
     rank, alpha = cfg["r"], float(cfg.get("lora_alpha", 8))
     _check_weights(model, names, weights, rank, folder)
+    _load_saved_modules(model, cfg, saved, folder)
     method = "qlora" if sidecar.get("method") == "qlora" else "lora"
     _wrap(model, names, rank, alpha, float(cfg.get("lora_dropout") or 0.0), quantize=method == "qlora",
           use_rslora=bool(cfg.get("use_rslora")))
@@ -541,6 +582,7 @@ class LoraSaver:
             return
         cfg = read_adapter_config(folder)
         names = list(lora_modules(model))
-        weights = _read_adapter_weights(folder)
+        weights, saved = _split_saved_modules(cfg, _read_adapter_weights(folder))
         _check_weights(model, names, weights, cfg["r"], folder)
         _copy_weights(model, weights)
+        _load_saved_modules(model, cfg, saved, folder)

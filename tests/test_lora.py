@@ -231,12 +231,16 @@ def test_unsupported_options_and_foreign_adapters_are_refused(bases, tmp_path, c
     good = lora.save_adapter(model, tmp_path / "good")
 
     bad = lora.save_adapter(model, tmp_path / "bad")
-    _edit_config(bad, use_dora=True, bias="all", modules_to_save=["lm_head"], rank_pattern={"c_attn": 2},
+    _edit_config(bad, use_dora=True, bias="all", rank_pattern={"c_attn": 2},
                  layers_to_transform=[0], init_lora_weights="loftq")
     with pytest.raises(UserError) as err:
         lora.load_adapter(load_model(bases["gpt2"])[0], bad)
-    for option in ("use_dora", "bias", "modules_to_save", "rank_pattern", "layers_to_transform", "loftq"):
+    for option in ("use_dora", "bias", "rank_pattern", "layers_to_transform", "loftq"):
         assert option in str(err.value)
+    no_weights = lora.save_adapter(model, tmp_path / "no_weights")  # modules_to_save without their weights
+    _edit_config(no_weights, modules_to_save=["lm_head"])
+    with pytest.raises(UserError, match="lists 'lm_head' in modules_to_save but holds no weights"):
+        lora.load_adapter(load_model(bases["gpt2"])[0], no_weights)
     with pytest.raises(SystemExit) as exit_:
         main(["merge", str(bad), "--out", str(tmp_path / "merged")])
     assert exit_.value.code == 2 and "use_dora" in capsys.readouterr().err

@@ -5,6 +5,8 @@ One run can do several evaluations; each adds its numbers at the top level of th
   --multiple-choice FILE.jsonl         acc, acc_norm (HellaSwag format, lm-eval scoring)
   --prompts FILE.jsonl                 chrf (+ bleu), distinct-n; generations saved beside the JSON
   --form NAME --texts FILE             pass_rate and per-sample diagnostics; no model needed (`none`)
+  --zero-shot PROBE FILE               accuracy of a generative model asked to classify (sentiment, paraphrase)
+  --classify FILE                      accuracy, macro_f1, per-class numbers of a classifier run (alone)
   --forgetting (with --adapter) or --baseline MODEL: the probes before and after, and the difference.
 """
 
@@ -59,6 +61,22 @@ def register(subparsers) -> None:
     g.add_argument("--texts", type=Path, action="append", metavar="FILE",
                    help="texts to validate: JSONL with `text`, JSON, plain text (samples split by blank lines; "
                         "numbered sonnets), or a folder; repeatable")
+    g = p.add_argument_group("classification")
+    g.add_argument("--classify", type=Path, metavar="FILE",
+                   help="labelled CSV/TSV/JSONL scored by a classifier run (finetune --task classify); "
+                        "predictions are written beside --json")
+    g.add_argument("--zero-shot", nargs=2, metavar=("PROBE", "FILE"),
+                   help="sentiment, paraphrase or custom, and a labelled file: each label's word scored by "
+                        "likelihood after a prompt")
+    g.add_argument("--text-column", help="column of the text (default: the probe's or the classifier's)")
+    g.add_argument("--text-pair-column", help="column of the second text of a pair")
+    g.add_argument("--label-column", help="column of the label")
+    g.add_argument("--template", help="zero-shot prompt with {text} (and {text_pair}), e.g. 'Review:{text}\\nSentiment:'")
+    g.add_argument("--verbalizers", help="zero-shot words, one per class in label order, e.g. negative,positive")
+    g.add_argument("--holdout", choices=["train", "val", "test"],
+                   help="score only this part of the file's seeded split (as finetune --task classify splits a "
+                        "file with no --val-data: 10%% val, 10%% test)")
+    g.add_argument("--holdout-seed", type=int, default=1337, help="seed of that split (finetune's --seed)")
     g = p.add_argument_group("forgetting")
     g.add_argument("--forgetting", action="store_true",
                    help="run the likelihood/multiple-choice probes before and after applying --adapter")
@@ -90,11 +108,16 @@ def _check_args(args: argparse.Namespace) -> None:
     if getattr(args, "write_prompts", None) is not None:
         check_output_file(args.write_prompts, "--write-prompts")
 
-    probes = args.text is not None or args.data is not None or args.multiple_choice is not None
+    probes = args.text is not None or args.data is not None or args.multiple_choice is not None \
+        or args.zero_shot is not None
+    if args.classify is not None:
+        _check_classify_args(args, probes)
+        return
     # `none --sonnet-prompts P G --write-prompts OUT` only builds the prompt file.
     generation = args.prompts is not None or (args.sonnet_prompts is not None and not _no_model(args))
     if not (probes or generation or args.form or args.texts or args.write_prompts):
-        raise UserError("nothing to evaluate: give --text, --data, --multiple-choice, --prompts or --form --texts")
+        raise UserError("nothing to evaluate: give --text, --data, --multiple-choice, --zero-shot, --classify, "
+                        "--prompts or --form --texts")
     if args.text is not None and args.data is not None:
         raise UserError("give either --text or --data, not both (run eval twice to score both)")
     if args.prompts is not None and args.sonnet_prompts is not None:
@@ -111,6 +134,11 @@ def _check_args(args: argparse.Namespace) -> None:
     _exists(args.data, "--data", "a prepared data folder (pocketlm prepare)", folder=True)
     _exists(args.multiple_choice, "--multiple-choice", "a JSONL file of {ctx, endings, label}")
     _exists(args.prompts, "--prompts", "a JSONL file of {prompt, reference}")
+    if args.zero_shot is not None:
+        from pocketlm.eval.zero_shot import get_probe
+
+        get_probe(args.zero_shot[0], args.template, _verbalizers(args))
+        _exists(Path(args.zero_shot[1]), "--zero-shot", "a labelled CSV/TSV/JSONL file")
     for t in args.texts or []:
         _exists(t, "--texts", "a file (or folder) of texts")
     for t in args.sonnet_prompts or []:
@@ -129,7 +157,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.forgetting and args.adapter is None:
         raise UserError("--forgetting compares the model before and after --adapter: give --adapter DIR")
     if (args.forgetting or args.baseline) and not probes:
-        raise UserError("forgetting is measured on --text, --data or --multiple-choice: give one of them")
+        raise UserError("forgetting is measured on --text, --data, --multiple-choice or --zero-shot: give one")
     needs_model = probes or generation
     if _no_model(args) and needs_model:
         raise UserError("this evaluation needs a model, but MODEL_OR_RUN is `none`: give a run, model folder or "
@@ -138,8 +166,63 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--adapter and --baseline need a model: MODEL_OR_RUN is `none`")
 
 
-def _probe(model, tokenizer, args: argparse.Namespace, items) -> tuple[dict, dict]:
-    """Likelihood and multiple-choice numbers of one model: (flat metrics, sections with details)."""
+def _verbalizers(args: argparse.Namespace) -> list[str] | None:
+    return [w for w in args.verbalizers.split(",") if w.strip()] if args.verbalizers else None
+
+
+def _check_classify_args(args: argparse.Namespace, probes: bool) -> None:
+    if probes or args.prompts or args.sonnet_prompts or args.form or args.texts or args.forgetting \
+            or args.baseline or args.adapter:
+        raise UserError("--classify evaluates a classifier run alone: run eval again for the other evaluations")
+    if _no_model(args):
+        raise UserError("--classify needs a classifier: give the run directory of `finetune --task classify`")
+    _exists(args.classify, "--classify", "a labelled CSV/TSV/JSONL file")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def _run_classify(args: argparse.Namespace) -> None:
+    """`eval RUN --classify FILE`: accuracy, macro_f1, per-class numbers; predictions beside --json."""
+    from pocketlm.classify.predict import evaluate_classifier
+    from pocketlm.eval import report as rep
+
+    predictions = args.json.with_name(args.json.stem + ".predictions.jsonl") if args.json else None
+    r = evaluate_classifier(args.source, args.classify, text_column=args.text_column,
+                            label_column=args.label_column, text_pair_column=args.text_pair_column,
+                            batch_size=args.batch_size or 32, device=args.device,
+                            precision=None if args.precision == "auto" else args.precision, limit=args.limit,
+                            predictions=predictions, holdout=args.holdout, holdout_seed=args.holdout_seed)
+    metrics = {k: r[k] for k in ("accuracy", "macro_f1", "examples", "skipped_rows", "truncated_rows")}
+    out = rep.build_report(model=args.source, adapter=None, data=rep.data_hashes([args.classify]),
+                           settings={"device": args.device, "precision": args.precision, "limit": args.limit,
+                                     "max_length": r["max_length"], "holdout": r.get("holdout")},
+                           metrics=metrics, sections={k: r[k] for k in ("per_class", "confusion_matrix", "labels",
+                                                                        "skipped_reasons")},
+                           extra={"predictions_file": r.get("predictions_file")})
+    if args.json is not None:
+        rep.write_report(args.json, out)
+    print(rep.format_table(out))
+
+
+def _zero_shot_rows(args: argparse.Namespace):
+    """(rows, probe) for --zero-shot, read and checked before any model loads."""
+    from pocketlm.classify.data import read_labelled, select_holdout
+    from pocketlm.eval.zero_shot import get_probe
+
+    probe = get_probe(args.zero_shot[0], args.template, _verbalizers(args))
+    data = read_labelled(args.zero_shot[1], args.text_column or probe.text_column,
+                         args.label_column or probe.label_column, args.text_pair_column or probe.text_pair_column)
+    rows, note = select_holdout(data.rows, args.holdout, args.holdout_seed)
+    if note:
+        print(f"pocketlm eval: {note}", file=sys.stderr)
+    if data.skipped_total:
+        print(f"pocketlm eval: skipped {data.skipped_total} malformed rows of {args.zero_shot[1]} "
+              f"({', '.join(f'{k}: {v}' for k, v in data.skipped.items())})", file=sys.stderr)
+    return (rows[: args.limit] if args.limit else rows), probe
+
+
+def _probe(model, tokenizer, args: argparse.Namespace, items, zero=None) -> tuple[dict, dict]:
+    """Likelihood, multiple-choice and zero-shot numbers of one model: (flat metrics, sections with details)."""
     from pocketlm.eval.likelihood import evaluate_split, evaluate_text, read_text_file
     from pocketlm.eval.multiple_choice import evaluate_multiple_choice
 
@@ -163,6 +246,15 @@ def _probe(model, tokenizer, args: argparse.Namespace, items) -> tuple[dict, dic
         metrics.update(acc=mc["acc"], acc_norm=mc["acc_norm"], mc_items=mc["items"])
         sections["multiple_choice"] = {k: mc[k] for k in ("acc", "acc_norm", "items")}
         sections["details"] = mc["details"]
+    if zero is not None:
+        from pocketlm.eval.zero_shot import evaluate_zero_shot
+
+        zs = evaluate_zero_shot(model, tokenizer, zero[0], zero[1], batch_size=args.batch_size or 16,
+                                context=args.context, precision=precision)
+        metrics.update({k: zs[k] for k in ("accuracy", "accuracy_calibrated", "majority_accuracy", "macro_f1")},
+                       zero_shot_examples=zs["examples"])
+        sections["zero_shot"] = {k: v for k, v in zs.items() if k != "details"}
+        sections["zero_shot_details"] = zs["details"]
     return metrics, sections
 
 
@@ -175,6 +267,7 @@ def _load(source: str, device):
 
 def _data_files(args: argparse.Namespace) -> list[Path]:
     files = [p for p in (args.text, args.multiple_choice, args.prompts) if p is not None]
+    files += [Path(args.zero_shot[1])] if args.zero_shot else []
     files += list(args.texts or []) + list(args.sonnet_prompts or [])
     if args.data is not None:
         from pocketlm.data.prepare import load_manifest
@@ -194,6 +287,8 @@ def run(args: argparse.Namespace) -> None:
     from pocketlm.generate import SamplingSettings
 
     _check_args(args)
+    if args.classify is not None:
+        return _run_classify(args)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                 stop=list(args.stop), seed=args.seed)
@@ -233,9 +328,11 @@ def run(args: argparse.Namespace) -> None:
         from pocketlm.eval.multiple_choice import read_multiple_choice
 
         items = read_multiple_choice(args.multiple_choice, args.limit)
+    zero = _zero_shot_rows(args) if args.zero_shot is not None else None
 
     device = None
-    needs_model = args.text is not None or args.data is not None or items is not None or rows is not None
+    needs_model = args.text is not None or args.data is not None or items is not None or rows is not None \
+        or zero is not None
     if needs_model:
         import torch
 
@@ -246,10 +343,10 @@ def run(args: argparse.Namespace) -> None:
         before = None
         if args.baseline:
             base, base_tok = _load(args.baseline, "cpu")
-            before, _ = _probe(base.to(device), base_tok, args, items)
+            before, _ = _probe(base.to(device), base_tok, args, items, zero)
             del base
         elif args.forgetting:
-            before, _ = _probe(model.to(device), tokenizer, args, items)
+            before, _ = _probe(model.to(device), tokenizer, args, items, zero)
         if args.adapter is not None:
             from pocketlm.lora import find_adapter_folder, load_adapter
 
@@ -258,7 +355,7 @@ def run(args: argparse.Namespace) -> None:
             extra["adapter_info"] = info
         model = model.to(device).eval()
         with torch.no_grad():
-            probe_metrics, probe_sections = _probe(model, tokenizer, args, items)
+            probe_metrics, probe_sections = _probe(model, tokenizer, args, items, zero)
         metrics.update(probe_metrics)
         sections.update(probe_sections)
         if before is not None:
@@ -282,7 +379,9 @@ def run(args: argparse.Namespace) -> None:
         settings={"sampling": asdict(settings), "context": args.context, "stride": args.stride,
                   "max_tokens": args.max_tokens, "split": args.split if args.data else None, "limit": args.limit,
                   "hypothesis": args.hypothesis, "form": args.form, "device": str(device) if device else None,
-                  "precision": args.precision, "baseline": args.baseline},
+                  "precision": args.precision, "baseline": args.baseline,
+                  "zero_shot": args.zero_shot[0] if args.zero_shot else None, "holdout": args.holdout,
+                  "holdout_seed": args.holdout_seed if args.holdout else None},
         metrics=metrics, sections=sections, extra=extra,
     )
     if args.json is not None:

@@ -11,7 +11,7 @@ import math
 
 # Metrics where a larger number is worse; the rest (accuracies) are better when larger.
 LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte")
-PROBE_METRICS = ("loss", "perplexity", "bits_per_byte", "acc", "acc_norm")
+PROBE_METRICS = ("loss", "perplexity", "bits_per_byte", "acc", "acc_norm", "accuracy", "accuracy_calibrated")
 
 
 def compare(before: dict, after: dict, keys: tuple[str, ...] = PROBE_METRICS) -> dict[str, dict]:
