@@ -22,6 +22,8 @@ def register(subparsers) -> None:
                    help="prompts (.txt one a line, .jsonl with `prompt`) or a template (.yaml, see README)")
     p.add_argument("--samples", type=int, required=True, metavar="N", help="records the output file ends with")
     p.add_argument("--per-prompt", action="store_true", help="N samples for every prompt of the list")
+    p.add_argument("--sample-prefix", default="", metavar="TEXT",
+                   help="text that ends every prompt and begins every sample (e.g. '>be me\\n>'; \\n is a newline)")
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="append records here (resumes)")
     p.add_argument("--report", default=None, metavar="FILE.json", help="report file (default: OUT.report.json)")
     s = p.add_argument_group("sampling")
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> None:
 
     opts = SynthOptions(
         teacher=args.teacher, prompts=args.prompts, out=args.out, samples=args.samples, per_prompt=args.per_prompt,
+        sample_prefix=args.sample_prefix.replace("\\n", "\n"),
         sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           stop=list(args.stop), chat=args.chat),
         seed=args.seed, concurrency=args.concurrency,

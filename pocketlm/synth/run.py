@@ -35,6 +35,7 @@ class SynthOptions:
     out: str  # the JSONL file records are appended to
     samples: int  # records the file ends up with (per prompt with per_prompt)
     per_prompt: bool = False
+    sample_prefix: str = ""  # ends every prompt and begins every sample's text (e.g. ">be me\n>")
     sampling: Sampling = field(default_factory=Sampling)
     seed: int = 0
     concurrency: int = 1
@@ -63,10 +64,11 @@ def sample_id(prompt: str, sampling: Sampling, seed: int) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
 
-def plan_jobs(source: PromptSource, total: int, sampling: Sampling, seed: int) -> list[Job]:
+def plan_jobs(source: PromptSource, total: int, sampling: Sampling, seed: int, prefix: str = "") -> list[Job]:
     jobs = []
     for i in range(total):
         prompt, variables = source.prompt(i, seed)
+        prompt += prefix
         jobs.append(Job(i, prompt, variables, seed + i, sample_id(prompt, sampling, seed + i)))
     return jobs
 
@@ -120,7 +122,7 @@ def _perplexity_scorer(opts: SynthOptions):
 def synthesize(opts: SynthOptions) -> dict:
     """Run (or continue) a synth job; returns the report, also written as JSON beside the output."""
     source, chain, total = _validate(opts)
-    jobs = plan_jobs(source, total, opts.sampling, opts.seed)
+    jobs = plan_jobs(source, total, opts.sampling, opts.seed, opts.sample_prefix)
     if opts.filters.dedupe_against:
         chain.load_corpora(_read_corpora(opts.filters.dedupe_against, opts.filters.validate))
     chain.perplexity = _perplexity_scorer(opts)
@@ -161,8 +163,9 @@ async def _generate(teacher: Teacher, pending: list[Job], opts: SynthOptions, ch
     run["started"] = time.perf_counter()
 
     def write(job: Job, completion: Completion) -> None:
-        reason = chain.check(completion.text)
-        record = {"id": job.id, "index": job.index, "text": completion.text, "kept": reason is None,
+        text = opts.sample_prefix + completion.text
+        reason = chain.check(text)
+        record = {"id": job.id, "index": job.index, "text": text, "kept": reason is None,
                   "reasons": [] if reason is None else [reason], "prompt": job.prompt,
                   **({"variables": job.variables} if job.variables else {}), "teacher": teacher.name,
                   "teacher_model": getattr(teacher, "model", None) if is_url(opts.teacher) else None,
@@ -171,7 +174,7 @@ async def _generate(teacher: Teacher, pending: list[Job], opts: SynthOptions, ch
                   "finish_reason": completion.finish_reason}
         store.append(record)  # fsynced before the sample counts as done
         if reason is None:
-            chain.keep(job.id, completion.text)
+            chain.keep(job.id, text)
         run["generated"] += 1
         run["kept"] += reason is None
         run["prompt_tokens"] += completion.prompt_tokens or 0
@@ -216,7 +219,8 @@ def _report(opts: SynthOptions, records: list[dict], total: int, run: Counter, s
             "samples_per_s": round(run["generated"] / gen_s, 3) if gen_s > 0 else None,
             "tokens_per_s": round(run["completion_tokens"] / gen_s, 1) if gen_s > 0 else None,
         },
-        "concurrency": opts.concurrency, "seed": opts.seed, "sampling": opts.sampling.to_dict(),
+        "concurrency": opts.concurrency, "seed": opts.seed, "sample_prefix": opts.sample_prefix,
+        "sampling": opts.sampling.to_dict(),
         "filters": opts.filters.describe(),
     }
 
