@@ -53,10 +53,10 @@ def disk_full_error(exc: BaseException, where: Path) -> UserError | None:
     """
     if isinstance(exc, UserError):
         return None
-    full = isinstance(exc, OSError) and exc.errno in _FULL
+    full = (isinstance(exc, OSError) and exc.errno in _FULL) or "No space left on device" in str(exc)
     if not full and (isinstance(exc, (RuntimeError, OSError)) or type(exc).__name__ == "SafetensorError"):
         space = free_bytes(where if where.is_dir() else where.parent)
-        full = "No space left" in str(exc) or (space is not None and space < LOW_SPACE_BYTES)
+        full = space is not None and space < LOW_SPACE_BYTES
     if not full:
         return None
     return UserError(f"no space left on the device while writing {where}: free some space (or choose an --out on "

@@ -74,6 +74,25 @@ def os_error_message(exc: OSError) -> str:
     return f"cannot access {where}: {reason}: {advice}"
 
 
+def _close_progress_bars() -> None:
+    """Close bars an error left open now, so that they print before the error line, not after it."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
+
+
+def _fail(command: str, message: str, status: int = 2) -> None:
+    _close_progress_bars()
+    sys.stdout.flush()
+    print(f"pocketlm {command}: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] in _HEAVY_COMMANDS:
         try:  # from a shell: restart once with tcmalloc preloaded where installed (POCKETLM_ALLOCATOR)
@@ -90,14 +109,11 @@ def main(argv: list[str] | None = None) -> None:
         tune_allocator()  # reuse freed memory instead of page-faulting it back each step (POCKETLM_ALLOCATOR)
         args.func(args)
     except UserError as exc:
-        print(f"pocketlm {args.command}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _fail(args.command, f"error: {exc}")
     except BrokenPipeError:  # e.g. `pocketlm models | head`: the reader left, nothing is wrong
         sys.stderr.close()
         sys.exit(0)
     except OSError as exc:  # the operating system refused a read or write: one line, like a user error
-        print(f"pocketlm {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
-        sys.exit(2)
+        _fail(args.command, f"error: {os_error_message(exc)}")
     except KeyboardInterrupt:
-        print(f"pocketlm {args.command}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _fail(args.command, "interrupted", 130)

@@ -25,7 +25,14 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
-from pocketlm.atomic import atomic_write_json, clean_stale_temporaries, make_temp_dir, replace_dir
+from pocketlm.atomic import (
+    atomic_write_json,
+    check_output_dir,
+    clean_stale_temporaries,
+    disk_full_error,
+    make_temp_dir,
+    replace_dir,
+)
 from pocketlm.data.manifest import FORMAT, SPLITS, load_manifest  # noqa: F401 (load_manifest re-exported)
 from pocketlm.data.sources import Corpus, Piece
 from pocketlm.errors import UserError
@@ -198,6 +205,7 @@ def check_output_folder(out: Path) -> None:
         if others:
             raise UserError(f"--out {out} holds files that are not a prepared data set ({', '.join(others[:3])}"
                             f"{', ...' if len(others) > 3 else ''}): give a new or empty folder")
+    check_output_dir(out, "--out")  # the new data set is built beside it, then renamed into its place
 
 
 def _stderr(message: str) -> None:
@@ -308,6 +316,9 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
         for writer in writers.values():
             writer._close_file()
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(sys.exc_info()[1], out)
+        if full is not None:
+            raise full from None
         raise
     if corpus.replaced_characters:
         log(f"warning: {corpus.replaced_characters} undecodable byte sequence(s) in {corpus.source} were "

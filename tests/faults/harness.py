@@ -32,20 +32,33 @@ class Result:
         return lines[-1] if lines else ""
 
 
-def run_inprocess(argv: list[str], capsys) -> Result:
-    """The CLI's main() here: fast; an uncaught exception (a traceback) fails the test by itself."""
+def run_inprocess(argv: list[str], capsys=None) -> Result:
+    """The CLI's main() here: fast; an uncaught exception (a traceback) fails the test by itself.
+    Without capsys (in fixtures wider than one test), output is captured by redirecting sys.stdout/err."""
+    import contextlib
+    import io
+
     from pocketlm import tokenizer
     from pocketlm.cli import main
 
     tokenizer._cache.clear()  # a file corrupted since the last call must be read again
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        rc = 0
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return Result(rc, captured.out, captured.err)
+    out, err = io.StringIO(), io.StringIO()
+    if capsys is not None:
+        capsys.readouterr()
+    redirect = contextlib.nullcontext() if capsys is not None else contextlib.ExitStack()
+    if capsys is None:
+        redirect.enter_context(contextlib.redirect_stdout(out))
+        redirect.enter_context(contextlib.redirect_stderr(err))
+    with redirect:
+        try:
+            main([str(a) for a in argv])
+            rc = 0
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if capsys is not None:
+        captured = capsys.readouterr()
+        return Result(rc, captured.out, captured.err)
+    return Result(rc, out.getvalue(), err.getvalue())
 
 
 def env() -> dict:
