@@ -91,7 +91,12 @@ def load_state_into(model: GPT, hf_state: dict[str, torch.Tensor], where: str) -
 
 def load_model_folder(folder: str | Path, device: str | torch.device = "cpu",
                       dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+    from pocketlm.compress import folder as quantized  # `pocketlm quantize` folders load through here too
+
     folder = Path(folder)
+    if quantized.is_quantized_folder(folder):
+        return quantized.load_quantized(folder, device=device, dtype=dtype)
+    dtype = dtype or quantized.float_format_dtype(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise UserError(f"{folder} is not a model folder: config.json is missing")

@@ -128,14 +128,19 @@ def search_lr(base_model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, method: s
 
 
 def finetune(cfg: TrainConfig, *, adapter: AdapterOptions | None = None, lr_search: list[float] | None = None,
-             lr_search_steps: int = 50) -> dict:
-    """Fine-tune cfg.model (the base) on cfg.data with cfg.method; returns train()'s summary."""
+             lr_search_steps: int = 50, qat=None) -> dict:
+    """Fine-tune cfg.model (the base) on cfg.data with cfg.method; returns train()'s summary.
+
+    `qat` (pocketlm.compress.qat.QATOptions) trains through fake quantization (quantization-aware training).
+    """
     from pocketlm.train import train
 
     adapter = adapter or AdapterOptions()
     if cfg.method not in METHODS:
         raise UserError(f"unknown fine-tuning method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     cfg.validate()
+    if qat is not None:
+        qat.validate(cfg.method)
     # The tokenizer check first: it is cheap, loading a base's weights is not.
     check_data_tokenizer(cfg.data, load_tokenizer(cfg.model), cfg.model)
     model, tokenizer = load_base(cfg.model)
@@ -155,4 +160,13 @@ def finetune(cfg: TrainConfig, *, adapter: AdapterOptions | None = None, lr_sear
     if cfg.method != "full":
         extra["adapter"] = {k: info[k] for k in ("rank", "alpha", "dropout", "targets", "trainable_params")
                             if k in info}
-    return train(model, tokenizer, cfg, saver=saver, extra_summary=extra)
+    if qat is None:
+        return train(model, tokenizer, cfg, saver=saver, extra_summary=extra)
+    from pocketlm.compress.qat import finish_qat, prepare_qat
+
+    saver = prepare_qat(model, qat, saver, cfg.method)  # fake quantization in the forward pass
+    extra["qat"] = qat.to_dict()
+    try:
+        return train(model, tokenizer, cfg, saver=saver, extra_summary=extra)
+    finally:
+        finish_qat(saver)

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "export",
     "merge",
     "synth",
+    "quantize",
 ]
 
 

@@ -258,6 +258,25 @@ def _probe(model, tokenizer, args: argparse.Namespace, items, zero=None) -> tupl
     return metrics, sections
 
 
+def _baseline_distance(model, base, tokenizer, base_tok, args: argparse.Namespace) -> dict:
+    """kl_divergence and top1_agreement against --baseline on --text / --data (pocketlm.eval.compare)."""
+    import torch
+
+    from pocketlm.eval.compare import compare_models, compare_on_text
+    from pocketlm.eval.likelihood import load_split_tokens, read_text_file
+
+    with torch.no_grad():
+        if args.text is not None:
+            result = compare_on_text(model, base, tokenizer, base_tok, read_text_file(args.text),
+                                     context=args.context, max_tokens=args.max_tokens)
+        elif args.data is not None:
+            tokens, manifest = load_split_tokens(args.data, args.split, args.max_tokens)
+            result = compare_models(model, base, tokens.tolist(), start=manifest.get("eot_id"), context=args.context)
+        else:
+            return {}
+    return {"kl_divergence": result["kl_divergence"], "top1_agreement": result["top1_agreement"]}
+
+
 def _load(source: str, device):
     from pocketlm.checkpoint import load_model
 
@@ -340,11 +359,10 @@ def run(args: argparse.Namespace) -> None:
 
         device = pick_device(args.device)
         model, tokenizer = _load(args.source, "cpu")
-        before = None
+        before = base = None
         if args.baseline:
             base, base_tok = _load(args.baseline, "cpu")
             before, _ = _probe(base.to(device), base_tok, args, items, zero)
-            del base
         elif args.forgetting:
             before, _ = _probe(model.to(device), tokenizer, args, items, zero)
         if args.adapter is not None:
@@ -362,6 +380,12 @@ def run(args: argparse.Namespace) -> None:
             from pocketlm.eval.forgetting import compare
 
             sections["forgetting"] = compare(before, probe_metrics)
+        if base is not None:  # the distance from the baseline's predictions (a quantized model vs its source)
+            metrics.update(_baseline_distance(model, base, tokenizer, base_tok, args))
+            del base
+        from pocketlm.eval.compare import model_size_bytes
+
+        metrics["size_bytes"] = model_size_bytes(args.source)
         if rows is not None:
             from pocketlm.eval.generation_eval import evaluate_generation
 

@@ -1,0 +1,100 @@
+"""Quantization-aware fine-tuning: the quantized folder of a QAT run is exactly what its training saw."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pocketlm.cli import main
+from pocketlm.compress import formats as fm
+from pocketlm.compress.qat import QATOptions
+from pocketlm.errors import UserError
+from pocketlm.model import GPT, ModelConfig
+from pocketlm.tokenizer import load_tokenizer
+
+FLAGS = ["--device", "cpu", "--precision", "fp32", "--context", "32", "--micro-batch", "4", "--batch-tokens", "128",
+         "--eval-batches", "2", "--warmup-steps", "1", "--log-every", "1", "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    from pocketlm.checkpoint import save_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="tiny-llama", family="llama", vocab_size=50257, block_size=64, n_layer=2, n_head=4,
+                      n_kv_head=2, n_embd=64, intermediate_size=128, bias=False, tie_embeddings=True,
+                      tokenizer="gpt2")
+    return save_model(GPT(cfg), load_tokenizer("gpt2"), tmp_path_factory.mktemp("qat") / "base")
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _finetune(base: Path, data: Path, out: Path, *extra: str) -> None:
+    main(["finetune", "--base", str(base), "--data", str(data), "--method", "full", "--out", str(out), *FLAGS,
+          *extra])
+
+
+def test_straight_through_gradient():
+    w = torch.randn(16, 64, requires_grad=True)
+    q = fm.fake_quantize_ste(w, "int4", 32, "sym")
+    assert not torch.equal(q, w) and torch.equal(q.detach(), fm.fake_quantize(w, "int4"))
+    (q * torch.arange(64.0)).sum().backward()
+    assert torch.equal(w.grad, torch.arange(64.0).expand(16, 64))
+
+
+def test_quantized_qat_run_has_the_last_fake_quantized_val_loss(base, tiny_data, tmp_path, one_thread):
+    from pocketlm.checkpoint import load_model
+    from pocketlm.compress.api import quantize
+    from pocketlm.compress.modules import set_compute_dtype
+    from pocketlm.data.batches import Batches, TokenSplit
+    from pocketlm.train import evaluate_loss
+
+    run = tmp_path / "qat"
+    _finetune(base, tiny_data, run, "--qat", "int4", "--max-steps", "4", "--eval-every", "4")
+    last = [r["val_loss"] for r in _rows(run) if "val_loss" in r][-1]
+    assert json.loads((run / "checkpoints" / "step-0000004" / "qat.json").read_text())["format"] == "int4"
+    quantize(run, "int4", tmp_path / "q", progress=False)
+    model, _ = load_model(tmp_path / "q")
+    set_compute_dtype(model, torch.float32)  # the training evaluated in fp32 (--precision fp32)
+    val = Batches(TokenSplit(str(tiny_data), "val"), 32, 1337, shuffle=False)
+    loss = evaluate_loss(model, val, 2, 4, torch.device("cpu"), "fp32")
+    assert loss == pytest.approx(last, abs=2e-5)
+    # ...and differs from post-training quantization of the float weights a plain run would have
+    plain = tmp_path / "plain"
+    _finetune(base, tiny_data, plain, "--max-steps", "4", "--eval-every", "4")
+    assert _rows(plain)[-1]["val_loss"] != pytest.approx(last, abs=1e-4)
+
+
+def test_qat_start_step_and_exact_resume(base, tiny_data, tmp_path, one_thread):
+    full = tmp_path / "full"
+    _finetune(base, tiny_data, full, "--qat", "int8", "--qat-start-step", "2", "--max-steps", "4",
+              "--eval-every", "2")
+    part = tmp_path / "part"
+    _finetune(base, tiny_data, part, "--qat", "int8", "--qat-start-step", "2", "--max-steps", "4",
+              "--eval-every", "2")
+    # kill after step 2: keep only the step-2 checkpoint and its metrics, then resume
+    shutil.rmtree(part / "checkpoints" / "step-0000004")
+    (part / "checkpoints" / "latest").write_text("step-0000002")
+    _finetune(base, tiny_data, part, "--qat", "int8", "--qat-start-step", "2", "--max-steps", "4",
+              "--eval-every", "2", "--resume")
+    a = [(r["step"], r["train_loss"], r.get("val_loss")) for r in _rows(full)]
+    b = [(r["step"], r["train_loss"], r.get("val_loss")) for r in _rows(part)]
+    assert a == b
+    with pytest.raises(SystemExit) as exc:  # resuming with other QAT settings is refused
+        _finetune(base, tiny_data, part, "--qat", "int4", "--max-steps", "6", "--eval-every", "2", "--resume")
+    assert exc.value.code == 2
+
+
+def test_qat_bad_input():
+    with pytest.raises(UserError, match="--method full"):
+        QATOptions("int4").validate("lora")
+    with pytest.raises(UserError, match="choose one of"):
+        QATOptions("nf4").validate("full")
+    with pytest.raises(UserError, match="start-step"):
+        QATOptions("int4", start_step=-1).validate("full")
