@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "merge",
     "synth",
     "quantize",
+    "study",
 ]
 
 
