@@ -134,3 +134,14 @@ def test_cli_list_dry_run_and_one_line_errors(tmp_path, tiny_text, shared_data):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("pocketlm study: error: ") and "line 18, axes.rank[1]" in last
     assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
+
+
+def test_preempt_at_kills_training_and_resumes_it_exactly(tmp_path, tiny_text):
+    axes = ("  stage:\n    - {name: straight, method: pretrain, arch: gpt2-tiny, max_steps: 8}\n"
+            "    - {name: preempted, method: pretrain, arch: gpt2-tiny, max_steps: 8, preempt_at: 4}\n")
+    rows = run_study(str(_study(tmp_path, tiny_text, axes, "p")), tmp_path / "out", threads=1, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[1]["preempted_after_step"] >= 4 and "preempted_after_step" not in rows[0]
+    assert "resuming" in (tmp_path / "out" / "preempted" / "cell.log").read_text()
+    assert _losses(tmp_path / "out" / "preempted") == _losses(tmp_path / "out" / "straight")
+    assert rows[1]["val_loss"] == rows[0]["val_loss"]

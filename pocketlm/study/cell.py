@@ -118,10 +118,13 @@ def _latest_step(run: Path) -> int:
         return 0
 
 
-def _train_then_exit(knobs: dict, data_dir: str, run: str, parent: int) -> None:
+def _train_then_exit(knobs: dict, data_dir: str, run: str, parent: int, threads: int) -> None:
+    import torch
+
     from pocketlm.study.executors import _watch_parent
 
     _watch_parent(parent)
+    torch.set_num_threads(threads)  # the same reductions as the resumed half: losses equal to the bit
     train_cell({**knobs, "preempt_at": None}, Path(data_dir), Path(run))
 
 
@@ -133,7 +136,10 @@ def preempt(knobs: dict, data_dir: Path, run: Path) -> int:
     import signal
 
     ctx = multiprocessing.get_context("spawn")
-    process = ctx.Process(target=_train_then_exit, args=(knobs, str(data_dir), str(run), os.getpid()))
+    import torch
+
+    process = ctx.Process(target=_train_then_exit, args=(knobs, str(data_dir), str(run), os.getpid(),
+                                                         torch.get_num_threads()))
     process.start()
     while process.is_alive() and _latest_step(run) < knobs["preempt_at"]:
         time.sleep(0.05)

@@ -24,7 +24,7 @@ def _v(group: dict, col: str):
     return pair[0] if pair and isinstance(pair[0], (int, float)) and math.isfinite(pair[0]) else None
 
 
-def quiet_failures(groups: list[dict], quality: str | None) -> list[str]:
+def quiet_failures(groups: list[dict], quality: str | None, limit: int = 12) -> list[str]:
     loss = quality if quality in ("bits_per_byte", "val_loss") else next(
         (c for c in ("bits_per_byte", "val_loss") if any(c in g for g in groups)), None)
     if loss is None:
@@ -46,6 +46,10 @@ def quiet_failures(groups: list[dict], quality: str | None) -> list[str]:
                     worst = (gap, b, lb, mb)
             if worst is not None:
                 gap, b, lb, mb = worst
-                found.append(f"{a['name']}: {loss} {la:.4f} is no worse than {b['name']}'s {lb:.4f}, but its "
-                             f"{NAMES[measure]} falls behind ({ma:.3g} vs {mb:.3g})")
-    return found
+                found.append((gap / margin, f"{a['name']}: {loss} {la:.4f} is no worse than {b['name']}'s {lb:.4f}, but its "
+                             f"{NAMES[measure]} falls behind ({ma:.3g} vs {mb:.3g})"))
+    found.sort(key=lambda t: -t[0])  # the largest gaps (in margins) first
+    lines = [text for _, text in found[:limit]]
+    if len(found) > limit:
+        lines.append(f"... and {len(found) - limit} more of the same kind (smaller gaps)")
+    return lines

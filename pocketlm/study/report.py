@@ -243,11 +243,14 @@ def _html(data: dict) -> str:
     if data["samples"]:
         parts.append("<h2>Samples</h2>")
         for cell, items in data["samples"].items():
-            parts.append(f"<h3>{e(cell)}</h3>")
+            passed = [s["passed"] for s in items if s["passed"] is not None]
+            summary = f" ({sum(passed)}/{len(passed)} pass the form check)" if passed else ""
+            parts.append(f"<details><summary>{e(cell)}{summary}</summary>")
             for s in items:
                 mark = "" if s["passed"] is None else (" <span class='pass'>form: pass</span>" if s["passed"]
                                                       else " <span class='fail'>form: fail</span>")
                 parts.append(f"<pre>{e(s['prompt'])}<b>{e(s['text'])}</b></pre>{mark}")
+            parts.append("</details>")
     if data["failed"]:
         parts.append("<h2>Failed cells</h2><ul>" + "".join(f"<li>{e(r['cell'])}: {e(str(r.get('error')))}</li>"
                                                             for r in data["failed"]) + "</ul>")
