@@ -5,8 +5,8 @@
 
 The base is exported once to a temporary Hugging Face folder; each side then runs in its own subprocess
 (so peak memory, ru_maxrss on CPU, is not polluted by the other) and loads that folder: pocketlm with
-checkpoint.load_model, transformers with AutoModelForCausalLM. Both run the same plain loop: AdamW,
-forward, cross-entropy in fp32, backward, step; the first `--warmup` steps are not timed. The loss of
+checkpoint.load_model and drives pocketlm.train.Trainer.step() (what `pocketlm finetune` runs), transformers
+loads it with AutoModelForCausalLM and runs a plain loop: AdamW, forward, cross-entropy in fp32, backward, step; the first `--warmup` steps are not timed. The loss of
 the first step is printed for both: equal weights and batch give equal losses.
 """
 
@@ -58,7 +58,7 @@ def _train_peak_bytes(device: torch.device) -> int | None:
 
 def _batch(tokenizer, vocab: int, batch: int, context: int, seed: int) -> torch.Tensor:
     """(batch, context + 1) token windows: Shakespeare if ../shared/data has it, else random ids."""
-    text_path = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    text_path = (Path(os.environ.get("POCKETLM_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / "tinyshakespeare" / "input.txt")
     need = batch * (context + 1)
     if text_path.exists():
         ids = tokenizer.encode(text_path.read_text()[: need * 8])
@@ -78,37 +78,44 @@ def run_side(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.folder)
     t0 = time.perf_counter()
     if args.side == "pocketlm":
+        # pocketlm's side is the Trainer users run (AdamW, no clipping, fp32 here): its step(), not a copy.
         from pocketlm.checkpoint import load_model
+        from pocketlm.train import trainer_on_windows
 
-        model, _ = load_model(args.folder, device=device, dtype=torch.float32)
+        model, _ = load_model(args.folder, device="cpu", dtype=torch.float32)
+        load_s = time.perf_counter() - t0
+        window = _batch(tokenizer, model.config.vocab_size, args.batch, args.context, args.seed)
+        trainer = trainer_on_windows(model, tokenizer, window[None], lr=args.lr, steps=args.warmup + args.steps,
+                                     out=Path(args.folder).parent / "pocketlm-run", device=args.device,
+                                     precision="fp32", weight_decay=0.0, grad_clip=0.0)
 
-        def loss_fn(x, y):
-            return model(x, y, return_logits=False)[1]
+        def train_step() -> float:
+            return trainer.step()["train_loss"]
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.folder, dtype=torch.float32).to(device)
+        load_s = time.perf_counter() - t0
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                      weight_decay=0.0)
+        window = _batch(tokenizer, model.config.vocab_size, args.batch, args.context, args.seed).to(device)
+        x, y = window[:, :-1], window[:, 1:]
 
-        def loss_fn(x, y):
+        def train_step() -> float:
             logits = model(input_ids=x).logits
-            return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
-    load_s = time.perf_counter() - t0
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    window = _batch(tokenizer, model.config.vocab_size, args.batch, args.context, args.seed).to(device)
-    x, y = window[:, :-1], window[:, 1:]
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()  # .item() synchronizes
     reset = _reset_peak(device)
     losses, times = [], []
     for step in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = loss_fn(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # .item() synchronizes
+        losses.append(train_step())
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
     tokens = args.batch * args.context

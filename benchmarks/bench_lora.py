@@ -68,7 +68,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> str:
     save_model(model, tokenizer, workdir / "model")
 
     B, T = args.batch, args.context
-    text = (REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()
+    text = (Path(os.environ.get("POCKETLM_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / "tinyshakespeare" / "input.txt").read_text()
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
     n_train, n_val = args.warmup + args.steps, args.eval_batches
     need = (n_train + n_val) * B * (T + 1)
@@ -228,7 +228,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from pocketlm.device import autocast
     from pocketlm.recipe import TrainConfig
-    from pocketlm.train import make_optimizer, store_frozen_linears
+    from pocketlm.train import make_optimizer, trainer_on_windows
 
     if args.allocator == "glibc-tuned":
         from pocketlm.memory import tune_allocator
@@ -239,32 +239,42 @@ def worker(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     device = torch.device(args.device)
     batches = load_file(str(workdir / "batches.safetensors"))
+    trainer = None
     if args.worker.startswith("pocketlm"):
+        # pocketlm's side is the Trainer users run: its step() (accumulation, autocast, clip, AdamW).
         from pocketlm import lora
         from pocketlm.checkpoint import load_model_folder
 
-        model, _ = load_model_folder(workdir / "model")
+        model, tokenizer = load_model_folder(workdir / "model")
         if args.worker != "pocketlm-full":
             method = "qlora" if args.worker == "pocketlm-qlora" else "lora"
             lora.prepare_model(model, method, args.rank, args.alpha, 0.0, args.targets)
             lora.LoraSaver().load(model, workdir / "init")  # the shared initial adapter
-            store_frozen_linears(model, args.precision)  # as pocketlm's trainer does: bf16 base under bf16
-            model.activation_checkpointing = args.worker == "pocketlm-lora-ac"
-
-        def step_loss(x, y):
-            return model(x, y, return_logits=False)[1]
+        trainer = trainer_on_windows(
+            model, tokenizer, batches["train"], val_windows=batches["val"], lr=args.lr, steps=len(batches["train"]),
+            out=workdir / f"run-{args.worker}-{args.precision}", device=args.device, precision=args.precision,
+            weight_decay=0.0, activation_checkpointing=args.worker == "pocketlm-lora-ac")
     else:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
         model = PeftModel.from_pretrained(base, workdir / "init" / "adapter", is_trainable=True)
+        model.to(device).train()
+        opt = make_optimizer(model, TrainConfig(lr=args.lr, weight_decay=0.0), device)
+        params = [q for q in model.parameters() if q.requires_grad]
 
         def step_loss(x, y):  # HF's own loss path; y is already shifted, as ours
             return model(input_ids=x, labels=y, shift_labels=y).loss
-    model.to(device).train()
-    opt = make_optimizer(model, TrainConfig(lr=args.lr, weight_decay=0.0), device)
-    params = [q for q in model.parameters() if q.requires_grad]
+
+        def hf_step(x, y) -> float:
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, args.precision):
+                loss = step_loss(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            return loss.item()
     cuda = device.type == "cuda"
     # Not ru_maxrss: a child process inherits its parent's peak through fork + exec (Linux keeps the
     # larger of the two), and this parent held the GGUF model. VmHWM belongs to this process's own memory.
@@ -277,31 +287,32 @@ def worker(args: argparse.Namespace) -> None:
     losses, times, cpu = [], [], []
     train = batches["train"]
     for i in range(train.shape[0]):
-        x, y = train[i, :, :-1].contiguous().to(device), train[i, :, 1:].contiguous().to(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        opt.zero_grad(set_to_none=True)
-        with autocast(device, args.precision):
-            loss = step_loss(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
+        if trainer is not None:
+            losses.append(trainer.step()["train_loss"])
+        else:
+            x, y = train[i, :, :-1].contiguous().to(device), train[i, :, 1:].contiguous().to(device)
+            losses.append(hf_step(x, y))
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     peak = torch.cuda.max_memory_allocated(device) if cuda else _status_bytes("VmHWM")
     process_peak = max(load_peak, _status_bytes("VmHWM"))  # loading included
-    model.eval()
-    with torch.no_grad(), autocast(device, args.precision):
-        val = [step_loss(v[:, :-1].contiguous().to(device), v[:, 1:].contiguous().to(device)).item()
-               for v in batches["val"]]
+    if trainer is not None:
+        val_loss = trainer.evaluate()["val_loss"]
+        trainer.cleanup()
+    else:
+        model.eval()
+        with torch.no_grad(), autocast(device, args.precision):
+            val_loss = statistics.fmean(step_loss(v[:, :-1].contiguous().to(device),
+                                                  v[:, 1:].contiguous().to(device)).item() for v in batches["val"])
     timed = times[args.warmup:]
     print(json.dumps({
         "variant": args.worker, "precision": args.precision, "median_step_s": statistics.median(timed),
         "cpu_s_per_step": statistics.fmean(cpu[args.warmup:]), "peak_bytes": peak,
         "train_bytes": max(0, peak - start_bytes), "start_bytes": start_bytes, "process_peak_bytes": process_peak,
-        "val_loss": statistics.fmean(val), "losses": losses,
+        "val_loss": val_loss, "losses": losses,
         "step_s": times, "threads": torch.get_num_threads(),
     }))
 

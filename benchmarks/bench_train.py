@@ -56,7 +56,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> int:
     save_model(model, tokenizer, workdir / "model")
     n_batches = args.warmup + args.steps
     need = n_batches * args.batch * (args.context + 1)
-    text_path = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    text_path = (Path(os.environ.get("POCKETLM_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / "tinyshakespeare" / "input.txt")
     if args.data == "tinyshakespeare" and text_path.exists():
         ids = tokenizer.encode(text_path.read_text())
         if len(ids) < need:
@@ -220,43 +220,48 @@ def worker(args: argparse.Namespace) -> None:
     from pocketlm.device import autocast
     from pocketlm.memory import allocator_in_effect
     from pocketlm.recipe import TrainConfig
-    from pocketlm.train import make_optimizer
+    from pocketlm.train import make_optimizer, trainer_on_windows
 
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     device = torch.device("cpu")
     windows = load_file(str(workdir / "batches.safetensors"))["windows"]
+    n_steps = args.warmup + args.steps
     if args.worker == "pocketlm":
+        # pocketlm's side is the Trainer users run: its step() (autocast, clip, AdamW), nothing rebuilt here.
         from pocketlm.checkpoint import load_model_folder
 
-        model, _ = load_model_folder(workdir / "model")
+        model, tokenizer = load_model_folder(workdir / "model")
+        trainer = trainer_on_windows(model, tokenizer, windows[:n_steps], lr=args.lr, steps=n_steps,
+                                     out=workdir / f"run-{args.precision}-{args.allocator}", device="cpu",
+                                     precision=args.precision)
 
-        def step_loss(x, y):
-            return model(x, y, return_logits=False)[1]
+        def train_step(i: int) -> float:
+            return trainer.step()["train_loss"]
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
+        model.train()
+        opt = make_optimizer(model, TrainConfig(lr=args.lr), device)
 
-        def step_loss(x, y):  # HF's own loss path; shift_labels: y is already shifted, as ours
-            return model(input_ids=x, labels=y, shift_labels=y).loss
-    model.train()
-    opt = make_optimizer(model, TrainConfig(lr=args.lr), device)
+        def train_step(i: int) -> float:  # HF's own loss path; shift_labels: y is already shifted, as ours
+            x, y = windows[i, :, :-1].contiguous(), windows[i, :, 1:].contiguous()
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, args.precision):
+                loss = model(input_ids=x, labels=y, shift_labels=y).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            return loss.item()
     losses, times, cpu = [], [], []
     before = resource.getrusage(resource.RUSAGE_SELF)
-    for i in range(args.warmup + args.steps):
+    for i in range(n_steps):
         if i == args.warmup:
             before = resource.getrusage(resource.RUSAGE_SELF)
-        x, y = windows[i, :, :-1].contiguous(), windows[i, :, 1:].contiguous()
         t0, c0 = time.perf_counter(), time.process_time()
-        opt.zero_grad(set_to_none=True)
-        with autocast(device, args.precision):
-            loss = step_loss(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(train_step(i))
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -18,6 +18,7 @@ from pocketlm import hf
 from pocketlm.atomic import AtomicDir, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
 from pocketlm.errors import UserError
 from pocketlm.model import GPT
+from pocketlm.rundir import RunDir, resolve_checkpoint
 from pocketlm.tokenizer import Tokenizer, load_tokenizer, read_json_file
 
 
@@ -132,11 +133,7 @@ def _has_tokenizer(folder: Path) -> bool:
 # -- runs -----------------------------------------------------------------------------------------
 def checkpoint_dir(run: Path, which: str = "best") -> Path | None:
     """The step folder a run's `best` or `latest` pointer names, or None if there is none."""
-    pointer = run / "checkpoints" / which
-    if not pointer.exists():
-        return None
-    step_dir = run / "checkpoints" / pointer.read_text().strip()
-    return step_dir if step_dir.exists() else None
+    return RunDir(run).checkpoint(which)
 
 
 def resolve_model_dir(source: str | Path) -> Path:
@@ -144,12 +141,7 @@ def resolve_model_dir(source: str | Path) -> Path:
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"{source} does not exist: give a run directory, a model folder or a built-in model name")
-    if (path / "checkpoints").is_dir():
-        step = checkpoint_dir(path, "best") or checkpoint_dir(path, "latest")
-        if step is None:
-            raise UserError(f"run {path} has no checkpoint yet: train it first (pocketlm pretrain --out {path})")
-        return step
-    return path
+    return resolve_checkpoint(path)
 
 
 def load_model(source: str | Path, device: str | torch.device = "cpu",

@@ -8,7 +8,6 @@ The models use different tokenizers, so they are compared on the same held-out t
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 from pocketlm.errors import UserError
+from pocketlm.rundir import RunDir
 
 SCRATCH_MODEL = "gpt2-mini"
 BASE = "smollm2-135m"
@@ -37,13 +37,13 @@ def _prepare(out: Path, tokenizer: str) -> Path:
 
 
 def _finished(run: Path) -> dict | None:
-    path = run / "summary.json"
-    if not path.exists():
+    """The run's summary when it finished (all its steps, or stopped early), else None."""
+    rundir = RunDir(run)
+    summary = rundir.read_summary()
+    if summary is None:
         return None
-    summary = json.loads(path.read_text())
-    config = (run / "config.yaml").read_text() if (run / "config.yaml").exists() else ""
-    wanted = next((line.split(":")[1].strip() for line in config.splitlines() if line.startswith("max_steps:")), None)
-    return summary if summary["stopped_early"] or str(summary["steps"]) == wanted else None
+    wanted = rundir.read_config().get("max_steps")
+    return summary if summary["stopped_early"] or summary["steps"] == wanted else None
 
 
 def _train_stage(title: str, run: Path, args: list[str]) -> dict:
@@ -59,13 +59,11 @@ def _train_stage(title: str, run: Path, args: list[str]) -> dict:
     if result.returncode != 0:
         raise UserError(f"stage '{title}' failed (exit {result.returncode}); fix the error above and re-run "
                         "`pocketlm demo` to continue from there")
-    return json.loads((run / "summary.json").read_text())
+    return RunDir(run).read_summary() or {}
 
 
 def _size_on_disk(run: Path) -> int:
-    from pocketlm.checkpoint import checkpoint_dir
-
-    step = checkpoint_dir(run, "best") or checkpoint_dir(run, "latest")
+    step = RunDir(run).best_or_latest()
     files = [p for p in step.rglob("*") if p.is_file() and p.suffix in (".safetensors",)]
     return sum(p.stat().st_size for p in files)
 
@@ -110,8 +108,7 @@ def run_demo(out: str | Path = "runs/demo", device: str = "auto", scratch_steps:
             ("full fine-tune", BASE, out / "full",
              ["finetune", "--config", "shakespeare-full", "--data", str(base_data), *common, *steps]),
             ("LoRA r8 attn+mlp", BASE, out / "lora",
-             ["finetune", "--config", "shakespeare-lora", "--data", str(base_data), "--rank", "8",
-              "--alpha", "16", "--targets", "attn+mlp", *common, *steps]),
+             ["finetune", "--config", "shakespeare-lora", "--data", str(base_data), *common, *steps]),
         ]
     summaries = {title: _train_stage(f"{title} ({model})", run, args) for title, model, run, args in stages}
 
@@ -143,8 +140,7 @@ def run_demo(out: str | Path = "runs/demo", device: str = "auto", scratch_steps:
 
 
 def _val_curve(run: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return [(r["step"], r["val_loss"]) for r in RunDir(run).read_metrics() if "val_loss" in r]
 
 
 def _mb(n: int | None) -> str:

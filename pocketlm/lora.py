@@ -524,16 +524,12 @@ def load_base_and_adapter(adapter_folder: str | Path, device: str | torch.device
 
 def find_adapter_folder(source: str | Path) -> Path:
     """An adapter folder, a checkpoint step folder holding adapter/, or a LoRA run (best, else latest)."""
-    from pocketlm.checkpoint import checkpoint_dir
+    from pocketlm.rundir import resolve_checkpoint
 
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"{source} does not exist: give a LoRA run directory or an adapter folder")
-    if (path / "checkpoints").is_dir():
-        step = checkpoint_dir(path, "best") or checkpoint_dir(path, "latest")
-        if step is None:
-            raise UserError(f"run {path} has no checkpoint yet: train it first")
-        path = step
+    path = resolve_checkpoint(path)
     if (path / CONFIG_FILE).is_file():
         return path
     if (path / ADAPTER_DIR / CONFIG_FILE).is_file():
@@ -552,12 +548,10 @@ def _unwrap_module(model: nn.Module) -> nn.Module:
 
 def _run_base(step_dir: Path) -> str | None:
     """The base a run fine-tunes (`model` in RUN/config.yaml; step folders live in RUN/checkpoints/)."""
-    config = step_dir.parent.parent / "config.yaml"
-    if not config.is_file():
-        return None
-    import yaml
+    from pocketlm.rundir import run_of_step
 
-    return _base_ref((yaml.safe_load(config.read_text()) or {}).get("model"))
+    run = run_of_step(step_dir)
+    return _base_ref(run.read_config().get("model")) if run is not None else None
 
 
 class LoraSaver:

@@ -82,7 +82,7 @@ def test_data_from_another_tokenizer_is_refused(tmp_path, tiny_text, gpt2_base):
     assert not (tmp_path / "run").exists()  # refused before loading weights or writing anything
 
 
-def test_lr_search_picks_the_best_validation_loss_then_trains(tmp_path, gpt2_base, gpt2_data, monkeypatch):
+def test_lr_search_picks_the_best_validation_loss_then_trains(tmp_path, gpt2_base, gpt2_data, monkeypatch, capsys):
     run = tmp_path / "run"
     args = ["finetune", "--base", str(gpt2_base), "--data", str(gpt2_data), "--max-steps", "4", "--eval-every", "4",
             "--lr-search", "1e-5,5e-3", "--lr-search-steps", "3", "--out", str(run), *FLAGS]
@@ -92,6 +92,8 @@ def test_lr_search_picks_the_best_validation_loss_then_trains(tmp_path, gpt2_bas
     assert set(losses) == {1e-5, 5e-3} and record["steps"] == 3
     assert record["best_lr"] == min(losses, key=losses.get)
     assert record["best_lr"] == 5e-3  # 3 steps at 1e-5 barely move a random model
+    assert record["at_edge"] == "largest"  # ... and the largest rate tried: the user hears of it
+    assert "0.005 is the largest rate tried" in capsys.readouterr().err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["lr_search"]["best_lr"] == 5e-3 and summary["steps"] == 4
     assert max(_rows(run, "lr")) == pytest.approx(5e-3)  # the main run used the chosen rate

@@ -323,19 +323,19 @@ class _Interrupt(Exception):
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_lora_run_resumes_step_for_step(bases, tiny_data, tmp_path, method, monkeypatch):
-    from pocketlm.train import Run
+    from pocketlm.train import Trainer
 
     _lora_run(bases["gpt2"], tiny_data, tmp_path / "full", method)
-    original_save = Run.save
+    original_save = Trainer.save
 
-    def save_then_die(self, step, *args, **kwargs):
-        original_save(self, step, *args, **kwargs)
-        if step == 3:
+    def save_then_die(self, *args, **kwargs):
+        original_save(self, *args, **kwargs)
+        if self.state["step"] == 3:
             raise _Interrupt  # the process dies right after the step-3 checkpoint
-    monkeypatch.setattr(Run, "save", save_then_die)
+    monkeypatch.setattr(Trainer, "save", save_then_die)
     with pytest.raises(_Interrupt):
         _lora_run(bases["gpt2"], tiny_data, tmp_path / "cut", method)
-    monkeypatch.setattr(Run, "save", original_save)
+    monkeypatch.setattr(Trainer, "save", original_save)
     _lora_run(bases["gpt2"], tiny_data, tmp_path / "cut", method, resume=True)
     full = _train_losses(tmp_path / "full")
     assert len(full) == 6 and all(math.isfinite(loss) for _, loss in full)

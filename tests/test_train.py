@@ -15,7 +15,7 @@ from pocketlm.cli.pretrain import build_model
 from pocketlm.errors import UserError
 from pocketlm.model import GPT
 from pocketlm.recipe import TrainConfig, load_recipe
-from pocketlm.train import Run, lr_at, train
+from pocketlm.train import Trainer, lr_at, train
 
 SMALL = dict(model="gpt2-tiny", batch_tokens=256, micro_batch=4, context=32, eval_every=4, eval_batches=2,
              log_every=1, warmup_steps=2, lr=3e-3, device="cpu", precision="fp32")
@@ -57,16 +57,16 @@ def test_resume_equals_uninterrupted_step_for_step(tiny_data, tmp_path, monkeypa
     kw = dict(max_steps=10, dropout=0.1, save_every=2, eval_every=5)
     _train(_cfg(tiny_data, tmp_path / "full", **kw))
 
-    original_save = Run.save
+    original_save = Trainer.save
 
-    def save_then_die(self, step, *args, **kwargs):
-        original_save(self, step, *args, **kwargs)
-        if step == 6:
+    def save_then_die(self, *args, **kwargs):
+        original_save(self, *args, **kwargs)
+        if self.state["step"] == 6:
             raise _Interrupt  # the process dies right after the step-6 checkpoint
-    monkeypatch.setattr(Run, "save", save_then_die)
+    monkeypatch.setattr(Trainer, "save", save_then_die)
     with pytest.raises(_Interrupt):
         _train(_cfg(tiny_data, tmp_path / "cut", **kw))
-    monkeypatch.setattr(Run, "save", original_save)
+    monkeypatch.setattr(Trainer, "save", original_save)
     with pytest.raises(UserError, match="--resume"):
         _train(_cfg(tiny_data, tmp_path / "cut", **kw))
     _train(_cfg(tiny_data, tmp_path / "cut", resume=True, **kw))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from pocketlm.cli.common import HelpFormatter
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="the main job: from scratch vs fine-tuned on Shakespeare, side by side",
         description="Prepare the built-in Shakespeare corpus, pretrain a small GPT from scratch, fine-tune "
                     "pretrained bases, evaluate them and print samples. Stages already done are skipped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", default="runs/demo", help="folder for data, runs and results")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pocketlm.cli.common import HelpFormatter
 from pocketlm.errors import UserError
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -21,7 +22,7 @@ def register(subparsers) -> None:
         "export", help="write a model as a Hugging Face folder (or GGUF file)",
         description="Export a built-in base, model folder, run directory, .gguf file or cached Hub id as a "
                     "Hugging Face folder that transformers loads, or as a GGUF file for llama.cpp.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("source", help="built-in base, model folder, run directory, .gguf file or cached Hub id")
     p.add_argument("--out", required=True, help="output folder (hf) or .gguf file (gguf)")

@@ -1,14 +1,18 @@
-"""`pocketlm finetune --base NAME_OR_PATH --data DIR --method full|lora|qlora`: adapt a pretrained model."""
+"""`pocketlm finetune --base NAME_OR_PATH --data DIR --method full|lora|qlora`: adapt a pretrained model.
+
+Flags map onto a TrainConfig (recipe, then flags; --rank/--alpha/--targets/--lora-dropout onto its
+`adapter:`) and one call: pocketlm.finetune.finetune(cfg, lr_search=..., lr_search_steps=...).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from pocketlm.cli.common import HelpFormatter
 from pocketlm.errors import UserError
-from pocketlm.recipe import add_train_arguments, config_from_args
-
-METHODS = ("full", "lora", "qlora")  # the same as pocketlm.finetune.METHODS, without importing torch here
+from pocketlm.names import METHODS
+from pocketlm.recipe import add_adapter_arguments, add_train_arguments, config_from_args
 
 
 def register(subparsers) -> None:
@@ -17,18 +21,12 @@ def register(subparsers) -> None:
         description="Fine-tune a base model on a prepared data set through the same training loop as "
                     "pretraining. BASE: a built-in base (smollm2-135m), a model folder, a run directory, a "
                     ".gguf file or a Hub id in the Hugging Face cache. Flags override the --config recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--base", help="the model to start from (default: the recipe's `model`)")
-    p.add_argument("--method", choices=METHODS, default=None, help="full fine-tuning, LoRA or QLoRA [full]")
-    lora = p.add_argument_group("LoRA / QLoRA")
-    lora.add_argument("--rank", type=int, default=8, help="adapter rank")
-    lora.add_argument("--alpha", type=float, default=16.0, help="adapter scaling numerator (scale = alpha/rank)")
-    lora.add_argument("--lora-dropout", type=float, default=0.0,
-                      help="dropout on the adapter input (default 0, as PEFT; 0.05 measured about 2x slower with +1.7 GB "
-                      "on smollm2-135m at 8x256: every adapted layer then keeps its own dropped copy of its input)")
-    lora.add_argument("--targets", default="attn",
-                      help="layers to adapt: attn, attn+mlp, all-linear, or comma-separated module names")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="full fine-tuning, LoRA or QLoRA (default: the recipe's, else full)")
+    add_adapter_arguments(p)
     search = p.add_argument_group("learning-rate search")
     search.add_argument("--lr-search", metavar="LR,LR,...", default=None,
                         help="try these learning rates in short runs first and keep the best (e.g. 1e-4,3e-4,1e-3)")
@@ -45,13 +43,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pocketlm.finetune import AdapterOptions, finetune, parse_lr_list
+    from pocketlm.finetune import finetune, parse_lr_list
 
-    cfg = config_from_args(args, model=args.base)
     if not args.base and not args.config:
         raise UserError("no base model: pass --base NAME_OR_PATH (e.g. smollm2-135m, a model folder or a .gguf file)")
+    cfg = config_from_args(args, model=args.base)
     cfg.method = args.method or (cfg.method if cfg.method in METHODS else "full")
-    adapter = AdapterOptions(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, targets=args.targets)
     qat = None
     if args.qat is not None:
         from pocketlm.compress.qat import QATOptions
@@ -59,8 +56,8 @@ def run(args: argparse.Namespace) -> None:
         qat = QATOptions(format=args.qat, group_size=args.qat_group_size, scheme=args.qat_scheme,
                          start_step=args.qat_start_step)
         qat.validate(cfg.method)
-    summary = finetune(cfg, adapter=adapter, lr_search=parse_lr_list(args.lr_search),
-                       lr_search_steps=args.lr_search_steps, qat=qat)
+    summary = finetune(cfg, lr_search=parse_lr_list(args.lr_search), lr_search_steps=args.lr_search_steps,
+                       qat=qat)
     keys = ("method", "steps", "best_val_loss", "final_train_loss", "tokens_per_s", "wall_s")
     print(json.dumps({k: summary.get(k) for k in keys} | ({"lr": summary["lr_search"]["best_lr"]}
                                                            if "lr_search" in summary else {})))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pocketlm.cli.common import HelpFormatter
 from pocketlm.recipe import add_train_arguments, config_from_args
 
 
@@ -12,7 +13,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="train a model from scratch",
         description="Train a named model config from random weights. Flags override the --config recipe.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", help="named model config (see `pocketlm models`)")
     p.add_argument("--pad-vocab", type=int, default=None, metavar="N",

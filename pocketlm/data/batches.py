@@ -93,3 +93,78 @@ class Batches:
             rows.append(self._window(int(order[i]) if order is not None else i))
         block = torch.from_numpy(np.stack(rows).astype(np.int64))
         return block[:, :-1], block[:, 1:]
+
+
+# -- batch sources: what the Trainer draws micro-batches from (pocketlm.train.Trainer, `batch_source`) ----
+class TokenBatchSource:
+    """The default batch source: windows of a prepared data set (`pocketlm prepare`).
+
+    A batch is `(inputs, targets)`, each (count, context). `train_batch(context, position, count)` returns
+    global windows position .. position+count-1 of the shuffled stream for that context (a pure function
+    of seed, context and position: exact resume needs only the position). Validation windows are read in
+    order, the same ones at every evaluation.
+    """
+
+    def __init__(self, data_dir: str | Path, seed: int) -> None:
+        self.train_split, self.val_split = TokenSplit(data_dir, "train"), TokenSplit(data_dir, "val")
+        self.seed = seed
+        self.description = f"data set {data_dir}"
+        self._train: dict[int, Batches] = {}
+        self._val: dict[int, Batches] = {}
+
+    @property
+    def tokenizer_identity(self) -> str | None:
+        """Checked against the model's tokenizer before training (None: nothing to check)."""
+        return self.train_split.tokenizer_identity
+
+    def max_context(self) -> int:
+        """The longest window the training split can give."""
+        return self.train_split.tokens - 1
+
+    def train_batch(self, context: int, position: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if context not in self._train:
+            self._train[context] = Batches(self.train_split, context, self.seed)
+        return self._train[context].get(position, count)
+
+    def val_batches(self, context: int, n_batches: int, micro_batch: int):
+        """The first n_batches * micro_batch validation windows, micro_batch at a time."""
+        if context not in self._val:
+            self._val[context] = Batches(self.val_split, min(context, self.val_split.tokens - 1), self.seed,
+                                         shuffle=False)
+        batches = self._val[context]
+        windows = min(batches.n, n_batches * micro_batch)
+        for start in range(0, windows, micro_batch):
+            yield batches.get(start, min(micro_batch, windows - start))
+
+
+class TensorBatchSource:
+    """Batches from token windows already in memory: `train` and `val` are (N, context + 1) int64 tensors.
+
+    Benchmarks and notebooks use it to drive Trainer.step on exactly the batches they chose; window g of
+    the run is row g % N, so positions behave as TokenBatchSource's (without shuffling).
+    """
+
+    description = "in-memory windows"
+    tokenizer_identity = None
+
+    def __init__(self, train: torch.Tensor, val: torch.Tensor | None = None) -> None:
+        self.train, self.val = train.reshape(-1, train.shape[-1]), val
+        self.context = self.train.shape[1] - 1
+
+    def max_context(self) -> int:
+        return self.context
+
+    def train_batch(self, context: int, position: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if context != self.context:
+            raise UserError(f"these in-memory windows hold context {self.context}, not {context}: "
+                            f"set the recipe's context to {self.context}")
+        rows = self.train[torch.arange(position, position + count) % self.train.shape[0]]
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def val_batches(self, context: int, n_batches: int, micro_batch: int):
+        if self.val is None:
+            return
+        windows = self.val.reshape(-1, self.val.shape[-1])[: n_batches * micro_batch]
+        for start in range(0, windows.shape[0], micro_batch):
+            rows = windows[start: start + micro_batch]
+            yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
