@@ -203,7 +203,7 @@ class RunDir:
         """(trainer_state.json, trainer_state.pt) of a step folder; the .pt with weights_only=True."""
         import torch
 
-        state = json.loads((step_dir / TRAINER_STATE_JSON).read_text())
+        state = step_state(step_dir)
         saved = torch.load(step_dir / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
         return state, saved
 
@@ -215,6 +215,11 @@ class RunDir:
         for name in steps[: max(0, len(steps) - keep)]:
             if name not in protected:
                 shutil.rmtree(ckpts / name, ignore_errors=True)
+
+
+def step_state(step_dir: str | Path) -> dict:
+    """A checkpoint's trainer_state.json (step, data position, best metric, patience); no torch needed."""
+    return json.loads((Path(step_dir) / TRAINER_STATE_JSON).read_text())
 
 
 def run_of_step(step_dir: str | Path) -> RunDir | None:

@@ -39,8 +39,8 @@ from pocketlm.errors import UserError
 from pocketlm.loggers import MetricLoggers
 from pocketlm.memory import allocator_in_effect, release_free_memory
 from pocketlm.model import GPT
-from pocketlm.preflight import check_before_training, check_run_dir
 from pocketlm.objectives import LMObjective, Metric, Objective, ValidationLoss, to_device
+from pocketlm.preflight import check_before_training, check_run_dir
 from pocketlm.recipe import (
     CPU_DEFAULT_CONTEXT,
     DEFAULT_BATCH_TOKENS,
@@ -428,6 +428,26 @@ def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSa
           extra_summary: dict | None = None, **extensions) -> dict:
     """Train `model` with `cfg` and return the summary: `Trainer(...).train()` (see Trainer for `extensions`)."""
     return Trainer(model, tokenizer, cfg, saver=saver, extra_summary=extra_summary, **extensions).train()
+
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, batches, n_batches: int, micro_batch: int, device, precision: str) -> float:
+    """Mean LM loss over the first n_batches * micro_batch windows of `batches` (a data.batches.Batches),
+    exactly as the Trainer's default validation metric computes it."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    windows = min(batches.n, n_batches * micro_batch)
+    try:
+        for start in range(0, windows, micro_batch):
+            x, y = batches.get(start, min(micro_batch, windows - start))
+            with autocast(device, precision):
+                loss = LMObjective().loss(model, (x.to(device), y.to(device)))
+            total += loss.item() * x.shape[0]
+            count += x.shape[0]
+    finally:
+        model.train(was_training)
+    return total / count
 
 
 def trainer_on_windows(model: GPT, tokenizer: Tokenizer, windows: torch.Tensor, *, out: str | Path,

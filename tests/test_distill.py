@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from pocketlm import distill
-from pocketlm.distill import DistillationObjective, DistillSettings, check_teacher_tokenizer, distillation_loss
+from pocketlm.distill import (
+    DistillationObjective,
+    DistillSettings,
+    check_teacher_tokenizer,
+    distillation_loss,
+)
 from pocketlm.errors import UserError
 
 

@@ -112,7 +112,9 @@ class QATSaver:
             raise UserError(f"{directory} was trained with QAT settings {recorded.read_text().strip()}: resume "
                             "with the same --qat, --qat-group-size, --qat-scheme and --qat-start-step")
         self.inner.load(model, directory)
-        self.state.step = int(json.loads((directory / "trainer_state.json").read_text())["step"])
+        from pocketlm.rundir import step_state
+
+        self.state.step = int(step_state(directory)["step"])
 
 
 def prepare_qat(model: nn.Module, options: QATOptions, saver, method: str = "full") -> QATSaver:
