@@ -237,9 +237,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """Every complete row; a line a crash cut short (appends are not atomic) is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def _read_json(path: Path) -> dict | None:

@@ -106,15 +106,18 @@ def _materialize(data: dict, jsonl: Path) -> str:
 
 
 def _finished_training(run: Path) -> dict | None:
-    path = run / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    from pocketlm.rundir import RunDir
+
+    return RunDir(run).read_summary()
 
 
 def _latest_step(run: Path) -> int:
-    pointer = run / "checkpoints" / "latest"
+    from pocketlm.rundir import RunDir
+
+    latest = RunDir(run).checkpoint("latest")
     try:
-        return int(pointer.read_text().strip().split("-")[-1])
-    except (OSError, ValueError):
+        return int(latest.name.split("-")[-1]) if latest is not None else 0
+    except ValueError:
         return 0
 
 
@@ -153,7 +156,7 @@ def train_cell(knobs: dict, data_dir: Path, run: Path) -> dict:
     """Train (or resume) the cell's run; its training summary."""
     import torch
 
-    from pocketlm.checkpoint import checkpoint_dir
+    from pocketlm.rundir import RunDir
 
     done = _finished_training(run)
     if done is not None:
@@ -164,7 +167,7 @@ def train_cell(knobs: dict, data_dir: Path, run: Path) -> dict:
         done = _finished_training(run)
         if done is not None:
             return done
-    resume = checkpoint_dir(run, "latest") is not None
+    resume = RunDir(run).checkpoint("latest") is not None
     if not resume and run.exists():  # killed before its first checkpoint: nothing to resume from
         for child in run.iterdir():
             if child.name != "cell.log":
@@ -181,18 +184,19 @@ def train_cell(knobs: dict, data_dir: Path, run: Path) -> dict:
         config = get_config(cfg.model, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.name)
         torch.manual_seed(cfg.seed)
         return train(GPT(config), tokenizer, cfg)
-    from pocketlm.finetune import AdapterOptions, finetune
+    from pocketlm.finetune import finetune
+    from pocketlm.recipe import AdapterConfig
 
-    adapter = AdapterOptions(rank=knobs["rank"], alpha=knobs["alpha"], dropout=knobs["lora_dropout"],
-                             targets=knobs["targets"])
+    adapter = AdapterConfig(rank=knobs["rank"], alpha=knobs["alpha"], dropout=knobs["lora_dropout"],
+                            targets=knobs["targets"])
     return finetune(cfg, adapter=adapter, lr_search=knobs.get("lr_search") or None,
                     lr_search_steps=knobs["lr_search_steps"])
 
 
 def size_on_disk(run: Path) -> int:
-    from pocketlm.checkpoint import checkpoint_dir
+    from pocketlm.rundir import RunDir
 
-    step = checkpoint_dir(run, "best") or checkpoint_dir(run, "latest")
+    step = RunDir(run).checkpoint("best") or RunDir(run).checkpoint("latest")
     return sum(p.stat().st_size for p in step.rglob("*.safetensors")) if step else 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pocketlm.atomic import atomic_write_text
 from pocketlm.errors import UserError
+from pocketlm.rundir import RunDir
 from pocketlm.study import figures as F
 from pocketlm.study import results as R
 from pocketlm.study.measures import COSTS, lower_is_better
@@ -110,18 +111,10 @@ def _table(groups: list[dict]) -> tuple[list[str], list[list[str]]]:
 def _curves(out: Path, rows: list[dict], key: str) -> dict[str, list[tuple[int, float]]]:
     curves = {}
     for r in rows:
-        path = out / r.get("run_dir", r["cell"]) / "metrics.jsonl"
-        if not path.exists():
+        run = RunDir(out / r.get("run_dir", r["cell"]))
+        if not run.metrics_path.exists():
             continue
-        pts = []
-        for line in path.read_text().splitlines():
-            try:
-                m = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if _num(m.get(key)):
-                pts.append((m["step"], m[key]))
-        curves[r["cell"]] = pts
+        curves[r["cell"]] = [(m["step"], m[key]) for m in run.read_metrics() if _num(m.get(key))]
     return curves
 
 
