@@ -145,3 +145,25 @@ def test_preempt_at_kills_training_and_resumes_it_exactly(tmp_path, tiny_text):
     assert "resuming" in (tmp_path / "out" / "preempted" / "cell.log").read_text()
     assert _losses(tmp_path / "out" / "preempted") == _losses(tmp_path / "out" / "straight")
     assert rows[1]["val_loss"] == rows[0]["val_loss"]
+
+
+def test_compression_axis_and_zero_shot_probe(tmp_path, tiny_text, shared_data, monkeypatch):
+    monkeypatch.setenv("POCKETLM_SHARED_DATA", str(shared_data))
+    axes = ("  stage:\n    - {name: scratch, method: pretrain, arch: gpt2-tiny, max_steps: 2}\n"
+            "    - {name: float, method: full, base: 'cell:scratch', max_steps: 2}\n"
+            "    - {name: int8, method: none, base: 'cell:float', quantize: int8}\n"
+            "    - {name: qat-int8, method: full, base: 'cell:scratch', max_steps: 2, qat: int8, quantize: int8}\n")
+    study = _study(tmp_path, tiny_text, axes, "c")
+    study.write_text(study.read_text() + "  - zero_shot: {probe: sentiment, limit: 12}\n")
+    rows = run_study(str(study), tmp_path / "out", threads=1, progress=False)
+    assert [r["status"] for r in rows] == ["ok"] * 4, [r.get("error") for r in rows]
+    by = {r["cell"]: r for r in rows}
+    # `none`: the float cell's model as it is, quantized after the fact; no training of its own
+    assert by["int8"]["trainable_params"] == 0 and "steps" not in by["int8"]
+    assert by["int8"]["size_bytes_trained"] == by["float"]["size_bytes"]
+    assert by["int8"]["size_bytes"] < by["float"]["size_bytes"] / 2  # int8 codes instead of fp32
+    assert abs(by["int8"]["val_loss"] - by["float"]["val_loss"]) < 0.05
+    assert (tmp_path / "out" / "int8" / "quantized-int8" / "pocketlm.json").exists()
+    assert by["float"]["val_loss"] != by["int8"]["val_loss"]  # measured on the quantized model
+    assert (tmp_path / "out" / "qat-int8" / "checkpoints").exists()
+    assert all(0 <= r["zero_shot_acc"] <= 1 and r["zero_shot_examples"] == 12 for r in rows)

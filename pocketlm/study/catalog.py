@@ -31,7 +31,7 @@ def describe(knobs: bool = False) -> str:
         lines.append(f"      cells: {_cells(name, False)} (quick: {_cells(name, True)})")
     if knobs:
         lines += ["", "knobs (axes or base recipe keys):"]
-        K.knob("method")  # loads post-training knobs where present
+        K.post_training()
         for k in K.KNOBS.values():
             lines.append(f"  {k.name:<24} {k.kind:<6} {k.help}")
         for k, _, _ in K.POST_TRAINING.values():

@@ -189,15 +189,28 @@ def train_cell(knobs: dict, data_dir: Path, run: Path) -> dict:
 
     adapter = AdapterConfig(rank=knobs["rank"], alpha=knobs["alpha"], dropout=knobs["lora_dropout"],
                             targets=knobs["targets"])
+    qat = None
+    if knobs.get("qat") and knobs["method"] == "full":
+        from pocketlm.compress.qat import QATOptions
+
+        qat = QATOptions(format=knobs["qat"])
     return finetune(cfg, adapter=adapter, lr_search=knobs.get("lr_search") or None,
-                    lr_search_steps=knobs["lr_search_steps"])
+                    lr_search_steps=knobs["lr_search_steps"], qat=qat)
 
 
-def size_on_disk(run: Path) -> int:
+def size_on_disk(source: Path) -> int | None:
+    """Weights on disk: a run's best checkpoint (a LoRA run's adapter alone), a folder, or a .gguf file."""
     from pocketlm.rundir import RunDir
 
-    step = RunDir(run).checkpoint("best") or RunDir(run).checkpoint("latest")
-    return sum(p.stat().st_size for p in step.rglob("*.safetensors")) if step else 0
+    source = Path(source)
+    if source.is_file():
+        return source.stat().st_size
+    if not source.is_dir():  # a built-in base name
+        from pocketlm.hf import BUILTIN_BASES, _builtin_gguf
+
+        return _builtin_gguf(str(source)).stat().st_size if str(source) in BUILTIN_BASES else None
+    step = RunDir(source).checkpoint("best") or RunDir(source).checkpoint("latest") or source
+    return sum(p.stat().st_size for p in step.rglob("*.safetensors"))
 
 
 def run_cell(payload: dict) -> dict:
@@ -224,17 +237,26 @@ def run_cell(payload: dict) -> dict:
         data_dir = eval_dir if not corpus else prepared_data(
             {"source": corpus, "val_fraction": payload["data"].get("val_fraction", 0.1)}, tokenizer, study_dir)
         timing["prepare_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        summary = train_cell(cell["knobs"], data_dir, run)
-        timing["train_s"] = time.perf_counter() - t
-        row.update(_summary_fields(summary), size_bytes=size_on_disk(run))
+        source = run
+        if cell["knobs"]["method"] == "none":  # the base as it is: nothing to train
+            source = Path(resolve_base(cell["knobs"], study_dir))
+            run.mkdir(parents=True, exist_ok=True)
+            row.update(trainable_params=0, size_bytes=size_on_disk(source))
+        else:
+            t = time.perf_counter()
+            summary = train_cell(cell["knobs"], data_dir, run)
+            timing["train_s"] = time.perf_counter() - t
+            row.update(_summary_fields(summary), size_bytes=size_on_disk(run))
         if (run / "preempted").exists():
             row["preempted_after_step"] = json.loads((run / "preempted").read_text())["killed_after_step"]
-        for name, (_, _, apply) in K.POST_TRAINING.items():
+        for name, (_, _, apply) in K.post_training().items():
             if cell["knobs"].get(name) is not None:
-                row.update(apply(run, cell["knobs"], print))
+                row["size_bytes_trained"] = row["size_bytes"]
+                extra = apply(run, source, cell["knobs"], print)
+                source = Path(extra.pop("_model_source", source))
+                row.update(extra)
         t = time.perf_counter()
-        row.update(measure_cell(payload, cell, run, eval_dir))  # the study's data, whatever the cell trained on
+        row.update(measure_cell(payload, cell, source, eval_dir))  # the study's data, whatever the cell trained on
         timing["measure_s"] = time.perf_counter() - t
         row["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a failed cell is recorded and the study goes on

@@ -17,7 +17,8 @@ LABELS = {"trainable_params": "trainable parameters", "peak_memory_bytes": "peak
           "tokens_per_s": "training tokens/s", "size_bytes": "size on disk (bytes)", "train_s": "training time (s)",
           "decode_tokens_per_s": "decode tokens/s", "val_loss": "validation loss", "bits_per_byte": "bits per byte",
           "chrf": "chrF", "form_pass_rate": "form pass rate", "hellaswag_acc": "HellaSwag accuracy",
-          "forgetting_bpb": "forgetting (Δ bits/byte on general text)", "kl_from_base": "KL from base"}
+          "forgetting_bpb": "forgetting (Δ bits/byte on general text)", "kl_from_base": "KL from base",
+          "zero_shot_acc": "zero-shot accuracy"}
 
 
 def label(column: str) -> str:

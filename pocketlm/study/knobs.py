@@ -18,7 +18,8 @@ from dataclasses import dataclass, fields
 from pocketlm.errors import UserError
 from pocketlm.recipe import TrainConfig
 
-METHODS = ("pretrain", "full", "lora", "qlora")
+METHODS = ("pretrain", "full", "lora", "qlora", "none")  # none: no training, the base itself (then post-trained)
+TRAINED = ("pretrain", "full", "lora", "qlora")
 ADAPTER_METHODS = ("lora", "qlora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Run-directory plumbing the engine owns: not knobs.
@@ -31,7 +32,7 @@ class Knob:
     kind: str  # int | float | bool | str | list
     help: str
     optional: bool = False  # None allowed
-    applies: tuple[str, ...] = METHODS  # methods this knob changes anything for
+    applies: tuple[str, ...] = TRAINED  # methods this knob changes anything for
 
 
 def _train_knobs() -> dict[str, Knob]:
@@ -52,7 +53,8 @@ def _train_knobs() -> dict[str, Knob]:
 KNOBS: dict[str, Knob] = {
     **_train_knobs(),
     "base": Knob("base", "str", "the model a fine-tune starts from: a built-in base, a folder, a run, "
-                 "a .gguf file, or `cell:NAME` for another cell of the study", applies=("full", "lora", "qlora")),
+                 "a .gguf file, or `cell:NAME` for another cell of the study",
+                 applies=("full", "lora", "qlora", "none")),
     "arch": Knob("arch", "str", "named model config trained from scratch (pocketlm models)", applies=("pretrain",)),
     "tokenizer": Knob("tokenizer", "str", "tokenizer of a from-scratch model's data", applies=("pretrain",)),
     "rank": Knob("rank", "int", "LoRA rank", applies=ADAPTER_METHODS),
@@ -62,6 +64,8 @@ KNOBS: dict[str, Knob] = {
                     applies=ADAPTER_METHODS),
     "lr_search": Knob("lr_search", "list", "learning rates tried in short runs first", optional=True,
                       applies=("full", "lora", "qlora")),
+    "qat": Knob("qat", "str", "quantization-aware fine-tuning in this format (int8, int4, fp8; finetune --qat)",
+                optional=True, applies=("full",)),
     "corpus": Knob("corpus", "str", "train this cell on another corpus (a path, or `shakespeare`); measures "
                    "still use the study's data", optional=True),
     "preempt_at": Knob("preempt_at", "int", "kill training with SIGKILL once step N is checkpointed, then "
@@ -72,17 +76,13 @@ KNOBS: dict[str, Knob] = {
 
 DEFAULTS = {"base": "smollm2-135m", "arch": "gpt2-tiny", "tokenizer": "gpt2", "rank": 8,
             "alpha": 16.0, "lora_dropout": 0.0, "targets": "attn", "lr_search": None, "lr_search_steps": 20, "preempt_at": None,
-            "corpus": None}
+            "corpus": None, "qat": None}
 
 # name -> (Knob, check(value) raising UserError, apply(cell_run_dir, knobs, log) -> extra row fields)
 POST_TRAINING: dict[str, tuple[Knob, Callable, Callable]] = {}
 # Knobs the issue names that arrive with other parts of pocketlm; refused with this reason until registered.
-PENDING = {
-    "quantize": "quantization formats arrive with `pocketlm quantize` (the compression work), which this "
-                "installation does not have yet",
-    "qat": "quantization-aware training arrives with `pocketlm finetune --qat` (the compression work), which "
-           "this installation does not have yet",
-}
+# Knobs the issue names that arrive with other parts of pocketlm; refused with this reason until registered.
+PENDING: dict[str, str] = {}
 
 
 def register_post_training(knob: Knob, check: Callable, apply: Callable) -> None:
@@ -103,9 +103,17 @@ def _load_plugins() -> None:
     module.register()
 
 
-def knob(name: str) -> Knob:
+def post_training() -> dict:
+    """The post-training knobs, plugins loaded."""
     if not POST_TRAINING:
         _load_plugins()
+    return POST_TRAINING
+
+
+def knob(name: str) -> Knob:
+    post_training()
+    if name == "method":
+        return Knob("method", "str", "pretrain, full, lora, qlora, or none (the base as it is)", applies=METHODS)
     if name in KNOBS:
         return KNOBS[name]
     if name in POST_TRAINING:
@@ -187,7 +195,11 @@ def check_cell(knobs: dict) -> None:
         parse_lr_list(knobs["lr_search"])
         if knobs["lr_search_steps"] <= 0:
             raise UserError(f"lr_search_steps must be positive, got {knobs['lr_search_steps']}")
-    for name, (_, check, _) in POST_TRAINING.items():
+    if knobs.get("qat") and method == "full":
+        from pocketlm.compress.qat import QATOptions
+
+        QATOptions(format=knobs["qat"]).validate(method)
+    for name, (_, check, _) in post_training().items():
         if knobs.get(name) is not None:
             check(knobs[name])
 
@@ -208,7 +220,7 @@ def _check_base(base: str) -> None:
 def relevant(knobs: dict) -> dict:
     """Only the knobs that change anything for the cell's method (a full fine-tune has no rank)."""
     method = knobs["method"]
-    return {k: v for k, v in knobs.items() if k not in KNOBS or method in KNOBS[k].applies}
+    return {k: v for k, v in knobs.items() if k == "method" or k not in KNOBS or method in KNOBS[k].applies}
 
 
 def to_train_config(knobs: dict, *, data: str, out: str, resume: bool = False) -> TrainConfig:

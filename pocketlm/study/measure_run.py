@@ -40,15 +40,19 @@ def _settings(sampling: dict, options: dict | None = None, **defaults):
     return SamplingSettings(**merged)
 
 
-def measure_cell(payload: dict, cell: dict, run: Path, data_dir: Path) -> dict:
+def measure_cell(payload: dict, cell: dict, source: Path, data_dir: Path) -> dict:
+    """The cell's measures on the model at `source` (its run directory, or its quantized folder)."""
     from pocketlm.study.cell import load_model, resolve_base
 
     measures: dict = payload["measures"]
+    run = Path(payload["study_dir"]) / cell["id"]
     cache_path = run / MEASURES_FILE
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    model, tokenizer = load_model(run, _device(cell))
+    model, tokenizer = load_model(source, _device(cell))
     model.eval()
     base = resolve_base(cell["knobs"], run.parent) if cell["knobs"]["method"] != "pretrain" else None
+    if base is not None and str(Path(base)) == str(source):
+        base = None  # the untouched base: nothing to compare with
     want = list(measures)
     if payload["sampling"] or "form_pass_rate" in measures:
         want.append("samples")
@@ -216,6 +220,19 @@ def _decode_speed(model, tokenizer, options, payload, run, data_dir, base) -> di
     return {"decode_tokens_per_s": rate if math.isfinite(rate) else None}
 
 
-_MEASURE_FUNCS = {"val_loss": _likelihood, "bits_per_byte": _likelihood, "chrf": _chrf, "samples": _samples,
+def _zero_shot(model, tokenizer, options, payload, run, data_dir, base) -> dict:
+    """Seed 001's generality check: a generative model asked to classify (sentiment or paraphrase)."""
+    from pocketlm.classify.data import read_labelled
+    from pocketlm.eval.zero_shot import evaluate_zero_shot, get_probe
+
+    probe = get_probe(options["probe"])
+    data = read_labelled(options["path"], probe.text_column, probe.label_column, probe.text_pair_column)
+    rows = data.rows[: int(options.get("limit") or 200)]
+    r = evaluate_zero_shot(model, tokenizer, rows, probe, context=model.config.block_size)
+    return {"zero_shot_acc": r["accuracy"], "zero_shot_acc_calibrated": r["accuracy_calibrated"],
+            "zero_shot_majority": r["majority_accuracy"], "zero_shot_examples": r["examples"]}
+
+
+_MEASURE_FUNCS = {"zero_shot": _zero_shot, "val_loss": _likelihood, "bits_per_byte": _likelihood, "chrf": _chrf, "samples": _samples,
                   "form_pass_rate": lambda *a: {}, "hellaswag": _hellaswag, "forgetting": _forgetting,
                   "kl": _kl, "decode_speed": _decode_speed}

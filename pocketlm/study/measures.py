@@ -26,15 +26,16 @@ MEASURES: dict[str, dict] = {
     "forgetting": {"columns": {"forgetting_bpb": True}, "options": {"text", "max_tokens"}},
     "kl": {"columns": {"kl_from_base": True}, "options": {"max_tokens"}},
     "decode_speed": {"columns": {"decode_tokens_per_s": False}, "options": {"tokens"}},
+    "zero_shot": {"columns": {"zero_shot_acc": False, "zero_shot_acc_calibrated": False},
+                  "options": {"probe", "path", "limit"}},
 }
-PENDING = {
-    "zero_shot": "the zero-shot classification probe arrives with the classification work (pocketlm's "
-                 "classify), which this installation does not have yet",
-}
+PENDING: dict[str, str] = {}
 # Costs every cell records; True = lower is better.
 COSTS = {"trainable_params": True, "peak_memory_bytes": True, "tokens_per_s": False, "size_bytes": True,
          "train_s": True, "decode_tokens_per_s": False}
 DEFAULT_HELLASWAG = "${POCKETLM_SHARED_DATA}/hellaswag/hellaswag_val.jsonl"
+ZERO_SHOT_DEFAULTS = {"sentiment": "${POCKETLM_SHARED_DATA}/sst/ids-sst-dev.csv",
+                      "paraphrase": "${POCKETLM_SHARED_DATA}/quora/quora-dev.csv"}
 
 
 def lower_is_better(column: str) -> bool:
@@ -121,6 +122,13 @@ def _check_options(name: str, options: dict, where: str, here: Path, study, expa
         if name == "hellaswag":
             options["path"] = path_option("path", DEFAULT_HELLASWAG)
             options.setdefault("limit", 100)
+        if name == "zero_shot":
+            from pocketlm.eval.zero_shot import PROBES
+
+            if options.get("probe") not in PROBES:
+                raise UserError(f"probe must be one of {', '.join(PROBES)}, got {options.get('probe')!r}")
+            options["path"] = path_option("path", ZERO_SHOT_DEFAULTS[options["probe"]])
+            options.setdefault("limit", 200)
         if name == "forgetting":
             options["text"] = path_option("text", DEFAULT_HELLASWAG)
         for key in ("limit", "max_tokens", "max_new_tokens", "n", "tokens", "context"):

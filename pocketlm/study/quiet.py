@@ -14,9 +14,10 @@ from pocketlm.study.measures import lower_is_better
 
 # measure -> smallest difference that counts (in the measure's own unit)
 MARGINS = {"chrf": 1.0, "form_pass_rate": 0.1, "chrf_form_pass_rate": 0.1, "hellaswag_acc": 0.02,
-           "forgetting_bpb": 0.02}
+           "forgetting_bpb": 0.02, "zero_shot_acc": 0.03}
 NAMES = {"chrf": "chrF", "form_pass_rate": "form pass rate", "chrf_form_pass_rate": "form pass rate of the chrF "
-         "generations", "hellaswag_acc": "HellaSwag accuracy", "forgetting_bpb": "the forgetting probe"}
+         "generations", "hellaswag_acc": "HellaSwag accuracy", "forgetting_bpb": "the forgetting probe",
+         "zero_shot_acc": "zero-shot accuracy"}
 
 
 def _v(group: dict, col: str):

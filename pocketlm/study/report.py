@@ -24,8 +24,8 @@ from pocketlm.study import results as R
 from pocketlm.study.measures import COSTS, lower_is_better
 from pocketlm.study.quiet import quiet_failures
 
-QUALITY_ORDER = ["bits_per_byte", "val_loss", "chrf", "form_pass_rate", "hellaswag_acc", "forgetting_bpb",
-                 "kl_from_base"]
+QUALITY_ORDER = ["bits_per_byte", "val_loss", "chrf", "form_pass_rate", "hellaswag_acc", "zero_shot_acc",
+                 "forgetting_bpb", "kl_from_base"]
 COST_ORDER = ["trainable_params", "peak_memory_bytes", "tokens_per_s", "size_bytes", "decode_tokens_per_s"]
 TABLE_COLUMNS = QUALITY_ORDER + ["chrf_form_pass_rate", "best_val_loss", "lr", *COST_ORDER, "train_s", "steps"]
 
@@ -155,7 +155,7 @@ def build(out: Path) -> dict:
     if svg:
         figs.append(("curves", "validation loss of every cell during training", svg))
     loss = next((c for c in ("bits_per_byte", "val_loss") if any(c in g for g in groups)), None)
-    for other in ("chrf", "form_pass_rate", "hellaswag_acc", "forgetting_bpb", "kl_from_base"):
+    for other in ("chrf", "form_pass_rate", "hellaswag_acc", "zero_shot_acc", "forgetting_bpb", "kl_from_base"):
         if loss and any(other in g for g in groups):
             svg = F.agreement_figure(groups, loss, other)
             if svg:

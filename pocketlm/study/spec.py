@@ -258,8 +258,9 @@ def _parse_axes(study: Study, axes: dict) -> list[dict]:
                         continue
                     _knob_or_fail(study, key, ("axes", name, i, key))
                     knob_values[key] = _coerce(study, key, value, ("axes", name, i, key))
-                if not knob_values:
-                    raise UserError(f"{study.where('axes', name, i)}: a group value sets at least one knob")
+                if not knob_values and label is None:
+                    raise UserError(f"{study.where('axes', name, i)}: a group value sets at least one knob, or "
+                                    "has a name (the cell as the rest of the study sets it)")
                 bundles.append({"name": str(label) if label is not None else None, "knobs": knob_values})
             out.append({"name": str(name), "kind": "group", "values": bundles})
         elif any(isinstance(v, (dict, list)) for v in values):
