@@ -74,6 +74,8 @@ def prepared_data(data: dict, tokenizer, study_dir: Path) -> Path:
                                             "val_fraction", "val_documents", "seed") if data.get(k) is not None}
             if "val_fraction" not in options and "val_documents" not in options:
                 options["val_fraction"] = 0.1
+            # Small corpora are the point of many studies: the held-out split needs a few windows, not 1024.
+            options["min_val_tokens"] = int(data.get("min_val_tokens") or 65)
             source = _materialize(data, study_dir / DATA_DIR / f"source-{key}.jsonl")
             if source != data["source"]:
                 options.update(text_field="text")

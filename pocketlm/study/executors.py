@@ -83,6 +83,9 @@ class LocalExecutor:
         if method == "forkserver":
             self.ctx.set_forkserver_preload(["torch", "pocketlm.study.cell", "pocketlm.study.measure_run",
                                              "pocketlm.train", "pocketlm.finetune"])
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()  # torch imports once, here, not in the first cell's time
 
     def execute(self, payloads: list[dict], on_result: OnResult, on_start: Callable[[dict], None]) -> None:
         for payload in payloads:

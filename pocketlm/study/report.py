@@ -135,6 +135,36 @@ def _samples(out: Path, rows: list[dict], per_cell: int = 2) -> dict[str, list[d
     return found
 
 
+def _losses(out: Path, row: dict) -> list:
+    path = out / row.get("run_dir", row["cell"]) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows]
+
+
+def resume_checks(out: Path, rows: list[dict]) -> list[str]:
+    """Cells killed mid-training (preempt_at) against their uninterrupted twin: every logged loss equal?"""
+    lines = []
+    for r in rows:
+        if r.get("status") != "ok" or r.get("preempted_after_step") is None:
+            continue
+        twin_knobs = {k: v for k, v in r["knobs"].items() if k != "preempt_at"}
+        twin = next((t for t in rows if t is not r and t.get("status") == "ok" and t.get("repeat") == r.get("repeat")
+                     and {k: v for k, v in t["knobs"].items() if k != "preempt_at"} == twin_knobs
+                     and t["knobs"].get("preempt_at") is None), None)
+        if twin is None:
+            lines.append(f"{r['cell']}: killed after step {r['preempted_after_step']} and resumed (no uninterrupted "
+                         "twin cell to compare with)")
+            continue
+        a, b = _losses(out, r), _losses(out, twin)
+        same = a == b and bool(a)
+        lines.append(f"{r['cell']}: killed (SIGKILL) after step {r['preempted_after_step']} and resumed; its "
+                     f"{len(a)} logged losses {'all equal' if same else 'DIFFER from'} {twin['cell']}'s "
+                     f"uninterrupted run")
+    return lines
+
+
 def build(out: Path) -> dict:
     """Everything the report shows, computed once for both formats."""
     identity = R.read_identity(out)
@@ -166,6 +196,7 @@ def build(out: Path) -> dict:
     overhead = sum(r.get("overhead_s") or 0 for r in ok)
     return {"identity": identity, "rows": rows, "groups": groups, "quality": quality, "figures": figs,
             "table": _table(groups), "quiet": quiet_failures(groups, quality),
+            "resume": resume_checks(out, rows),
             "failed": [r for r in rows if r.get("status") != "ok"], "samples": _samples(out, ok),
             "time": {"cells_s": cell_s, "overhead_s": overhead,
                      "overhead_share": overhead / cell_s if cell_s else None,
@@ -187,6 +218,8 @@ def _md(data: dict, fig_dir: str) -> str:
     lines += ["| " + " | ".join(x.replace("|", "\\|") for x in row) + " |" for row in body]
     lines += ["", "## Quiet failures", ""]
     lines += [f"- {q}" for q in data["quiet"]] or ["- none found: where the loss is good, the other measures agree."]
+    if data["resume"]:
+        lines += ["", "## Preemption and resume", ""] + [f"- {x}" for x in data["resume"]]
     lines += ["", "## Figures", ""]
     for fid, caption, _ in data["figures"]:
         lines += [f"![{caption}]({fig_dir}/{fid}.svg)", "", f"*{caption}*", ""]
@@ -228,6 +261,9 @@ def _html(data: dict) -> str:
                  + "".join("<tr>" + "".join(f"<td>{e(x)}</td>" for x in row) + "</tr>" for row in body) + "</table>")
     parts.append("<h2>Quiet failures</h2><ul>" + ("".join(f"<li class='warn'>{e(q)}</li>" for q in data["quiet"])
                  or "<li>none found: where the loss is good, the other measures agree.</li>") + "</ul>")
+    if data["resume"]:
+        parts.append("<h2>Preemption and resume</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in data["resume"])
+                     + "</ul>")
     parts.append("<h2>Figures</h2>")
     for fid, caption, svg in data["figures"]:
         uri = "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()

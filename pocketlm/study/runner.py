@@ -48,6 +48,21 @@ def format_plan(study: Study, cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def _prepare_data(study: Study, cells: list[Cell], out: Path) -> None:
+    """The corpus tokenized for every tokenizer the cells need, before any cell runs: a corpus mistake is
+    then one error, not a failed cell each. (Cells starting from another cell prepare theirs when they run.)"""
+    from pocketlm.study.cell import cell_tokenizer, prepared_data
+
+    seen: set[str] = set()
+    for cell in cells:
+        if cell.knobs["method"] != "pretrain" and str(cell.knobs["base"]).startswith("cell:"):
+            continue
+        tokenizer = cell_tokenizer(cell.knobs, out)
+        if tokenizer.identity not in seen:
+            seen.add(tokenizer.identity)
+            prepared_data(study.data, tokenizer, out)
+
+
 class _DirLock:
     """One `study run` per DIR at a time."""
 
@@ -100,6 +115,7 @@ def run_study(study: str | Study, out: str | Path, *, quick: bool = False, only:
             R.write_results(out, [rows[i] for i in order if i in rows])
 
         write()
+        _prepare_data(study, todo, out)
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"study {study.name}", unit="cell",
                    disable=not progress, file=sys.stderr, dynamic_ncols=True)
         started: dict[str, float] = {}

@@ -20,7 +20,7 @@ from pocketlm.study import yamlines
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 TOP_KEYS = {"study", "description", "claims", "recipe", "data", "base", "axes", "exclude", "repeats",
             "measures", "sampling", "primary", "quick", "lessons"}
-DATA_KEYS = {"source", "prepared", "glob", "delimiter", "delimiter_regex", "text_field", "column", "val_fraction",
+DATA_KEYS = {"source", "prepared", "glob", "min_val_tokens", "delimiter", "delimiter_regex", "text_field", "column", "val_fraction",
              "val_documents", "seed"}
 SAMPLING_KEYS = {"prompts", "n", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
                  "stop", "seed"}
@@ -112,6 +112,8 @@ def load_study(name_or_path: str, *, quick: bool = False, overrides: dict | None
         elif key == "delimiter":
             raw.setdefault("data", {})["delimiter"] = value
         else:
+            if key == "base" and Path(str(value)).expanduser().exists():
+                value = str(Path(str(value)).expanduser().resolve())  # cells may run elsewhere (Ray)
             raw.setdefault("base", {})[key] = value
     study = Study(name=str(raw.get("study") or path.stem), path=name, description=str(raw.get("description") or ""),
                   claims=[str(c) for c in (raw.get("claims") or [])], data={}, base={}, axes=[], exclude=[],
