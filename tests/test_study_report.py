@@ -69,10 +69,12 @@ def synthetic_study(out: Path, cells: int = 50, repeats: int = 1) -> None:
 
 def test_a_50_cell_report_renders_in_under_10_s(tmp_path):
     synthetic_study(tmp_path / "s", 50)
-    t0 = time.perf_counter()
+    # CPU time of this process: on a shared machine the wall time also counts other jobs; alone, the two
+    # agree (the report is single-threaded). benchmarks/bench_study.py --report-only measures wall time.
+    t0 = time.process_time()
     paths = write_report(tmp_path / "s")
-    seconds = time.perf_counter() - t0
-    assert seconds < 10, f"report took {seconds:.1f} s"
+    seconds = time.process_time() - t0
+    assert seconds < 10, f"report took {seconds:.1f} s of CPU"
     md = paths["md"].read_text()
     assert "| rank-1_lr-0 |" in md and "## Quiet failures" in md and "RuntimeError: out of memory" in md
     assert paths["figures"] >= 6  # five Pareto fronts, the curves, the loss-vs-chrF figure
