@@ -23,7 +23,7 @@ TRAINED = ("pretrain", "full", "lora", "qlora")
 ADAPTER_METHODS = ("lora", "qlora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Run-directory plumbing the engine owns: not knobs.
-_NOT_KNOBS = {"out", "resume", "data", "model"}
+_NOT_KNOBS = {"out", "resume", "data", "model", "adapter"}  # adapter: the rank/alpha/... knobs below
 
 
 @dataclass(frozen=True)
@@ -173,8 +173,8 @@ def check_cell(knobs: dict) -> None:
         raise UserError(f"method {method!r} is not one of {', '.join(METHODS)}")
     if knobs.get("precision", "auto") not in PRECISIONS:
         raise UserError(f"precision {knobs['precision']!r} is not one of {', '.join(PRECISIONS)}")
-    cfg = to_train_config(knobs, data="<study data>", out="<cell>")
-    cfg.validate()
+    if method != "none":  # a `none` cell trains nothing: its training settings do not matter
+        to_train_config(knobs, data="<study data>", out="<cell>").validate()
     if method in ADAPTER_METHODS:
         from pocketlm.lora import _check_hparams
 
@@ -227,4 +227,10 @@ def to_train_config(knobs: dict, *, data: str, out: str, resume: bool = False) -
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in knobs.items() if k in names and k not in _NOT_KNOBS}
     model = knobs["arch"] if knobs["method"] == "pretrain" else knobs["base"]
-    return TrainConfig(**values, model=str(model), data=data, out=out, resume=resume)
+    cfg = TrainConfig(**values, model=str(model), data=data, out=out, resume=resume)
+    if knobs["method"] in ADAPTER_METHODS:
+        from pocketlm.recipe import AdapterConfig
+
+        cfg.adapter = AdapterConfig(rank=knobs["rank"], alpha=knobs["alpha"], dropout=knobs["lora_dropout"],
+                                    targets=knobs["targets"])
+    return cfg
