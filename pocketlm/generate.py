@@ -8,8 +8,10 @@ Context policy: a prompt whose tokens plus `max_new_tokens` do not fit in the mo
 (`block_size`) is refused with a UserError that says how many tokens fit, never silently cropped, so an
 evaluation never scores a completion of a prompt it did not see.
 
-Filters follow Hugging Face's order: repetition penalty, temperature, top-k, top-p. Temperature 0 is
-greedy decoding (argmax after the repetition penalty).
+Filters follow Hugging Face's order: repetition penalty, temperature, top-k, top-p (OpenAI's presence
+and frequency penalties, used by `pocketlm serve`, come right after the repetition penalty). Temperature 0
+is greedy decoding (argmax after the penalties). The server's batched decoder (pocketlm/serve/engine.py)
+uses the same `processed_logits`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class SamplingSettings:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0  # 1 means off; > 1 discourages repeats (CTRL / Hugging Face)
+    presence_penalty: float = 0.0  # OpenAI's additive penalties on generated tokens; 0 means off
+    frequency_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)
     num_samples: int = 1
     seed: int | None = None
@@ -52,6 +56,10 @@ class SamplingSettings:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p!r}: e.g. 0.9 keeps the top 90% of mass")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise UserError(f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                raise UserError(f"{name} must be in [-2, 2] (0 = off), got {value!r}")
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise UserError(f"--num-samples must be a positive integer, got {self.num_samples!r}")
         if any(not s for s in self.stop):
@@ -106,15 +114,41 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def next_tokens(logits: torch.Tensor, settings: SamplingSettings, history: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row (B,) from last-position logits (B, V) under `settings`."""
+def apply_presence_frequency_penalty(logits: torch.Tensor, generated: torch.Tensor, presence: float,
+                                     frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: subtract `presence` from the logit of every token generated so far and
+    `frequency` times its count. generated: (B, N) token ids, -1 = padding. logits: (B, V)."""
+    if (presence == 0.0 and frequency == 0.0) or generated.numel() == 0:
+        return logits
+    valid = generated >= 0
+    counts = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    counts.scatter_add_(1, generated.clamp(min=0), valid.float())
+    return logits - (frequency * counts + presence * (counts > 0).float()).to(logits.dtype)
+
+
+def processed_logits(logits: torch.Tensor, settings: SamplingSettings, history: torch.Tensor | None = None,
+                     generated: torch.Tensor | None = None) -> torch.Tensor:
+    """Last-position logits (B, V) after every filter `settings` asks for: the penalties, then (when
+    sampling) temperature, top-k and top-p. Greedy decoding takes their argmax; sampling draws from
+    their softmax. `history`: prompt + generated ids for the repetition penalty; `generated`: the
+    generated ids alone (-1 = padding) for the presence/frequency penalties."""
     if history is not None:
         logits = apply_repetition_penalty(logits, history, settings.repetition_penalty)
+    if generated is not None:
+        logits = apply_presence_frequency_penalty(logits, generated, settings.presence_penalty,
+                                                  settings.frequency_penalty)
+    if settings.greedy:
+        return logits
+    logits = apply_temperature(logits.float(), settings.temperature)
+    return top_p_filter(top_k_filter(logits, settings.top_k), settings.top_p)
+
+
+def next_tokens(logits: torch.Tensor, settings: SamplingSettings, history: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, generated: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row (B,) from last-position logits (B, V) under `settings`."""
+    logits = processed_logits(logits, settings, history, generated)
     if settings.greedy:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits.float(), settings.temperature)
-    logits = top_p_filter(top_k_filter(logits, settings.top_k), settings.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
@@ -161,9 +195,11 @@ def _decode(model, idx: torch.Tensor, settings: SamplingSettings, eos_id: int | 
         logits = logits.expand(B, -1)
 
     step = 0
+    penalize = settings.presence_penalty != 0.0 or settings.frequency_penalty != 0.0
     for step in range(n):
         seen = history[:, : T + step] if history is not None else None
-        tok = next_tokens(logits, settings, seen, generator)
+        generated = out[rows, :step] if penalize else None
+        tok = next_tokens(logits, settings, seen, generator, generated)
         out[rows, step] = tok
         if history is not None:
             history[:, T + step] = tok
@@ -360,7 +396,8 @@ def generate(model, tokenizer, prompt: str, settings: SamplingSettings | None = 
 
 
 __all__ = [
-    "Generation", "IncrementalDecoder", "SamplingSettings", "apply_repetition_penalty", "apply_temperature",
-    "check_fits", "generate", "generate_tokens", "next_tokens", "prompt_ids", "run_generation",
+    "Generation", "IncrementalDecoder", "SamplingSettings", "apply_presence_frequency_penalty",
+    "apply_repetition_penalty", "apply_temperature", "check_fits", "generate", "generate_tokens", "next_tokens",
+    "processed_logits", "prompt_ids", "run_generation",
     "top_k_filter", "top_p_filter",
 ]

@@ -393,7 +393,9 @@ def tokenizer_from_reader(reader, name: str) -> Tokenizer:
         return spelled[int(i)] if i is not None and 0 <= int(i) < len(spelled) else None
 
     eos, bos = token("eos_token_id"), token("bos_token_id")
-    return Tokenizer(backend, name=name, eos_token=eos, bos_token=bos if bos != eos else None)
+    tok = Tokenizer(backend, name=name, eos_token=eos, bos_token=bos if bos != eos else None)
+    tok.chat_template = _field(reader, "tokenizer.chat_template") or None
+    return tok
 
 
 def load_gguf_tokenizer(path: str | Path, name: str | None = None) -> Tokenizer:

@@ -187,6 +187,111 @@ class KVCache:
         self.v = [t[index] for t in self.v]
 
 
+class BatchKVCache:
+    """Keys and values of independent sequences of different lengths: the rows of a serving batch.
+
+    Row r holds its sequence at positions [0, lengths[r]). A step feeds T new tokens to every row; each
+    row's tokens go to its own positions (position embedding or RoPE there), and attention masks every
+    position past the row's end, so rows of different lengths decode together in one forward pass.
+    Rows are kept compact (0..rows-1): `append` adds a sequence prefilled in a single-row `KVCache`,
+    `remove` moves the last row into the freed one. Storage grows on demand and is freed when the last
+    row leaves, so an idle server holds no cache.
+    """
+
+    def __init__(self, config: ModelConfig, device, dtype) -> None:
+        self.config, self.device, self.dtype = config, torch.device(device), dtype
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.lengths: list[int] = []
+        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(rows, positions) the storage holds now."""
+        return (self.k[0].shape[0], self.k[0].shape[2]) if self.k else (0, 0)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _reserve(self, rows: int, length: int) -> None:
+        have_rows, have_len = self.capacity
+        if rows <= have_rows and length <= have_len:
+            return
+        # Grow geometrically so that a growing batch or sequence copies the cache O(log n) times.
+        new_rows = have_rows if rows <= have_rows else max(rows, min(2 * have_rows, rows + 64))
+        new_len = have_len if length <= have_len else min(self.config.block_size, max(length, 2 * have_len, 64))
+        shape = (new_rows, self.config.kv_heads, new_len, self.config.head_dim)
+        for store in (self.k, self.v):
+            for i in range(self.config.n_layer):
+                fresh = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                if i < len(store):
+                    fresh[:have_rows, :, :have_len] = store[i]
+                    store[i] = fresh
+                else:
+                    store.append(fresh)
+
+    def append(self, source: KVCache, copies: int = 1) -> int:
+        """Add `copies` rows holding the sequence in row 0 of `source`; returns the first new row."""
+        n = source.pos
+        first = self.rows
+        self._reserve(first + copies, n + 1)
+        for layer in range(self.config.n_layer):
+            for store, src in ((self.k, source.k), (self.v, source.v)):
+                store[layer][first : first + copies, :, :n] = src[layer][:1, :, :n]
+        self.lengths.extend([n] * copies)
+        return first
+
+    def remove(self, row: int) -> int | None:
+        """Drop `row`; the last row moves into its place. Returns the moved row's old index, if any."""
+        last = self.rows - 1
+        moved = None
+        if row != last:
+            n = self.lengths[last]
+            for store in (self.k, self.v):
+                for t in store:
+                    t[row, :, :n] = t[last, :, :n]
+            self.lengths[row] = n
+            moved = last
+        self.lengths.pop()
+        if not self.lengths:  # idle: give the memory back
+            self.k, self.v = [], []
+        return moved
+
+    def begin_step(self, T: int) -> torch.Tensor:
+        """Positions (rows, T) of the tokens fed next; sets up their writes and attention mask."""
+        lengths = torch.tensor(self.lengths, device=self.device)
+        end = max(self.lengths) + T
+        self._reserve(self.rows, end)
+        positions = lengths[:, None] + torch.arange(T, device=self.device)
+        rows = torch.arange(self.rows, device=self.device)[:, None].expand(-1, T)
+        # (rows, 1, T, end): token t of row r sees positions <= lengths[r] + t.
+        mask = (torch.arange(end, device=self.device) <= positions[:, :, None])[:, None]
+        self._step = (rows, positions, mask, end)
+        return positions
+
+    @property
+    def step_mask(self) -> torch.Tensor:
+        assert self._step is not None, "begin_step first"
+        return self._step[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._step is not None, "begin_step first"
+        rows, positions, _, end = self._step
+        B = self.rows
+        # k: (rows, heads, T, head_dim); indexing rows x positions puts those dims first.
+        self.k[layer][rows, :, positions] = k.transpose(1, 2)
+        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+        return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]
+
+    def end_step(self, T: int) -> None:
+        self.lengths = [n + T for n in self.lengths]
+        self._step = None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -215,10 +320,12 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        past = cache.pos if cache is not None else 0
+        past = cache.pos if isinstance(cache, KVCache) else 0
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if past == 0:
+        if isinstance(cache, BatchKVCache):  # rows of different lengths: each sees only its own positions
+            mask, causal = cache.step_mask, False
+        elif past == 0:
             mask, causal = None, True
         elif T == 1:
             mask, causal = None, False  # one new token sees every cached position
@@ -389,25 +496,35 @@ class GPT(nn.Module):
         cos, sin = self._rope_cache
         return cos[start:end], sin[start:end]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | BatchKVCache | None = None,
                 return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab_size), and the mean cross-entropy if `targets` (-100 = ignore) are given.
 
         Training passes return_logits=False: the loss then comes from _LMHeadLoss, which never holds
-        the whole logits tensor, and the logits returned are None.
+        the whole logits tensor, and the logits returned are None. With a BatchKVCache, row b of `idx`
+        continues the cache's row b, each at its own position.
         """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
+        batch_cache = isinstance(cache, BatchKVCache)
+        if batch_cache and B != cache.rows:
+            raise ValueError(f"a BatchKVCache with {cache.rows} rows was given {B} rows of tokens")
+        start = cache.pos if isinstance(cache, KVCache) else 0
+        end = (max(cache.lengths) if batch_cache else start) + T
+        if end > self.config.block_size:
             raise UserError(
-                f"sequence of {start + T} tokens is longer than the model's context of "
+                f"sequence of {end} tokens is longer than the model's context of "
                 f"{self.config.block_size}: shorten the prompt or lower --max-new-tokens"
             )
+        positions = cache.begin_step(T) if batch_cache else None  # (B, T) per-row positions
         x = self.transformer.wte(idx)
         rope = None
         if self.config.family == "gpt2":
-            pos = torch.arange(start, start + T, device=idx.device)
+            pos = positions if positions is not None else torch.arange(start, start + T, device=idx.device)
             x = x + self.transformer.wpe(pos)
+        elif positions is not None:  # (B, 1, T, head_dim): broadcast over heads
+            cos, sin = self._rope(0, end, idx.device)
+            rope = cos[positions][:, None], sin[positions][:, None]
         else:
             rope = self._rope(start, T, idx.device)
         x = self.transformer.drop(x)
@@ -417,7 +534,9 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, layer, use_reentrant=False)
             else:
                 x = block(x, rope, cache, layer)
-        if cache is not None:
+        if batch_cache:
+            cache.end_step(T)
+        elif cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is None and cache is not None:
@@ -450,3 +569,7 @@ class GPT(nn.Module):
         p = self.transformer.wte.weight
         dtype = p.dtype if p.is_floating_point() else torch.float32
         return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, dtype)
+
+    def new_batch_cache(self) -> BatchKVCache:
+        p = self.transformer.wte.weight
+        return BatchKVCache(self.config, p.device, p.dtype if p.is_floating_point() else torch.float32)

@@ -33,6 +33,9 @@ class Tokenizer:
         if eos_token and self.eos_id is None:
             raise UserError(f"tokenizer {name!r} has no token {eos_token!r} to end documents with")
         self._identity: str | None = None
+        # A Jinja chat template (Hugging Face's format) from the tokenizer's files, if they had one;
+        # `pocketlm serve` renders chat messages with it. Not part of the identity.
+        self.chat_template: str | None = None
 
     # -- encoding ---------------------------------------------------------------------------------
     @property
@@ -86,6 +89,8 @@ class Tokenizer:
             config["eos_token"] = self.eos_token
         if self.bos_token:
             config["bos_token"] = self.bos_token
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -169,10 +174,24 @@ def from_hf_folder(folder: Path) -> Tokenizer:
         backend = read_tokenizer_json(folder / "tokenizer.json")
         eos = _guess_special(backend, config, "eos_token", [GPT2_EOT, "<|im_end|>", "</s>", "<|end_of_text|>"])
         bos = _guess_special(backend, config, "bos_token", [])
-        return Tokenizer(backend, name=name, eos_token=eos, bos_token=bos if bos != eos else None)
+        tok = Tokenizer(backend, name=name, eos_token=eos, bos_token=bos if bos != eos else None)
+        tok.chat_template = _chat_template(folder, config)
+        return tok
     if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
         return gpt2_from_files(folder / "vocab.json", folder / "merges.txt", name=name)
     raise UserError(f"no tokenizer in {folder}: expected tokenizer.json, or vocab.json and merges.txt")
+
+
+def _chat_template(folder: Path, config: dict) -> str | None:
+    """tokenizer_config.json's chat_template (a string, or named templates: the default one), else the
+    chat_template.jinja file newer transformers versions write."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if not template and (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return template if isinstance(template, str) and template else None
 
 
 def load_tokenizer(name_or_path: str | Path) -> Tokenizer:

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "eval",
     "export",
     "merge",
+    "serve",
     "synth",
     "quantize",
     "study",
