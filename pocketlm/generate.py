@@ -105,6 +105,22 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     """
     if p is None or p >= 1.0:
         return logits
+    # Fast exact path: a peaked distribution's nucleus lies within its few hundred most likely tokens,
+    # and a top-k is far cheaper than sorting the vocabulary (about 7 ms a row for 50k tokens on a CPU).
+    # When the k-th token is already dropped in every row, no token past it can be kept.
+    vocab = logits.size(-1)
+    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+    k = 128
+    while k < vocab // 4:
+        values, order = torch.topk(logits, k, dim=-1)
+        probs = (values.float() - lse).exp()
+        mass_before = probs.cumsum(dim=-1) - probs
+        if bool((mass_before[..., -1] >= p).all()):
+            keep_sorted = mass_before < p
+            keep_sorted[..., 0] = True
+            keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
+            return logits.masked_fill(~keep, float("-inf"))
+        k *= 8
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.float().softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
@@ -141,6 +157,16 @@ def processed_logits(logits: torch.Tensor, settings: SamplingSettings, history: 
         return logits
     logits = apply_temperature(logits.float(), settings.temperature)
     return top_p_filter(top_k_filter(logits, settings.top_k), settings.top_p)
+
+
+def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: one token per row of `probs` (B, V, need not sum to 1) for `uniforms` (B,)
+    in [0, 1). One random number and one cumulative sum per row, where torch.multinomial draws a random
+    number per vocabulary entry: the server's batched sampler uses this. Zero-probability tokens are
+    never drawn."""
+    cdf = probs.float().cumsum(dim=-1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.size(-1) - 1)
 
 
 def next_tokens(logits: torch.Tensor, settings: SamplingSettings, history: torch.Tensor | None = None,
@@ -397,7 +423,7 @@ def generate(model, tokenizer, prompt: str, settings: SamplingSettings | None = 
 
 __all__ = [
     "Generation", "IncrementalDecoder", "SamplingSettings", "apply_presence_frequency_penalty",
-    "apply_repetition_penalty", "apply_temperature", "check_fits", "generate", "generate_tokens", "next_tokens",
+    "apply_repetition_penalty", "apply_temperature", "check_fits", "draw_tokens", "generate", "generate_tokens", "next_tokens",
     "processed_logits", "prompt_ids", "run_generation",
     "top_k_filter", "top_p_filter",
 ]

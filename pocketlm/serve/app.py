@@ -135,7 +135,7 @@ class _Context:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return Job(self.engine, False, self.model_name, prompts, self.settings(body, max_tokens), self.token_text,
                    logprobs=body.logprobs, echo=texts if body.echo else None, include_usage=include_usage,
-                   log=self.log, path="/v1/completions")
+                   ignore_eos=bool(body.ignore_eos), log=self.log, path="/v1/completions")
 
     def _prompts(self, prompt) -> tuple[list[list[int]], list[str]]:
         """(token ids, text) per prompt: a string, strings, token ids, or lists of token ids."""
@@ -170,8 +170,8 @@ class _Context:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         top = (body.top_logprobs or 0) if body.logprobs else None
         return Job(self.engine, True, self.model_name, [ids], self.settings(body, max_tokens), self.token_text,
-                   stop_ids=self.end_ids, logprobs=top, include_usage=include_usage, log=self.log,
-                   path="/v1/chat/completions")
+                   stop_ids=self.end_ids, logprobs=top, include_usage=include_usage,
+                   ignore_eos=bool(body.ignore_eos), log=self.log, path="/v1/chat/completions")
 
     async def run(self, job: Job, request: Request, stream: bool):
         job.submit()

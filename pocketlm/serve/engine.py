@@ -9,9 +9,10 @@ One background thread owns the model. Each iteration it
 A sequence that finishes (end-of-text, a stop token or string, max_tokens) or whose client went away
 leaves the batch at once, and a new request takes its row at the next iteration.
 
-Sampling is generate.py's `processed_logits` (penalties, temperature, top-k, top-p): rows with the
-same settings are filtered together; a seeded choice draws from its own generator, so its output does
-not depend on what else is in the batch. Events go back to each request through its `emit` callback,
+Sampling is generate.py's `processed_logits` (penalties, temperature, top-k, top-p) and `draw_tokens`
+(inverse-CDF: one uniform per row, so sampling a row costs O(vocabulary) once): rows with the same
+settings are filtered together; a seeded choice draws its uniforms from its own generator, so its output
+does not depend on what else is in the batch. Events go back to each request through its `emit` callback,
 once per iteration (the app turns them into HTTP responses or SSE chunks).
 """
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pocketlm.generate import IncrementalDecoder, SamplingSettings, processed_logits
+from pocketlm.generate import IncrementalDecoder, SamplingSettings, draw_tokens, processed_logits
 from pocketlm.memory import release_free_memory
 
 
@@ -71,6 +72,7 @@ class Request:
     logprobs: int | None = None  # alternatives per token (0 = only the chosen token's); None = off
     prompt_logprobs: bool = False
     first_choice: int = 0  # choice index of this prompt's first sample in the response
+    ignore_eos: bool = False  # run to max_tokens through end-of-text (benchmarks)
     cancelled: bool = False  # set by the app when the client goes away
     cache: object = None  # single-row KVCache while the prompt is prefilled
     prefilled: int = 0
@@ -317,17 +319,14 @@ class Engine:
         filtered = processed_logits(group, settings, history, generated)
         if settings.greedy:
             return filtered.argmax(dim=-1).tolist()
-        probs = filtered.softmax(dim=-1)
-        out = [0] * len(seqs)
-        shared = [j for j, s in enumerate(seqs) if s.generator is None]
-        if shared:
-            drawn = torch.multinomial(probs[shared], 1, generator=self._rng)[:, 0].tolist()
-            for j, token in zip(shared, drawn):
-                out[j] = token
-        for j, s in enumerate(seqs):
-            if s.generator is not None:
-                out[j] = int(torch.multinomial(probs[j : j + 1], 1, generator=s.generator))
-        return out
+        # One uniform per row: from the choice's own generator when seeded (the same seed gives the same
+        # output whatever else is in the batch), else from the engine's.
+        shared = sum(s.generator is None for s in seqs)
+        pool = iter(torch.rand(shared, generator=self._rng, device=self._rng.device).tolist())
+        uniforms = [float(torch.rand(1, generator=s.generator, device=s.generator.device)) if s.generator is not None
+                    else next(pool) for s in seqs]
+        probs = (filtered - filtered.amax(dim=-1, keepdim=True)).exp()  # softmax up to a factor draw ignores
+        return draw_tokens(probs, torch.tensor(uniforms, device=logits.device)).tolist()
 
     def _advance(self, seqs: list[_Sequence], tokens: list[int], logprobs: list, events: list[Event]) -> list:
         """Record one new token per sequence; returns the sequences still running."""
@@ -338,7 +337,7 @@ class Engine:
             seq.generated.append(token)
             seq.ids.append(token)
             self.stats.generated_tokens += 1
-            ends = token == eos or token in request.stop_ids
+            ends = (token == eos or token in request.stop_ids) and not request.ignore_eos
             text = "" if ends else seq.decoder.push(token)
             chosen, top = lp if lp is not None else (None, None)
             events.append(Token(seq.choice, token, text, chosen, top))

@@ -75,6 +75,7 @@ class Job:
     logprobs: int | None = None  # alternatives per token; None = no logprobs
     echo: list[str] | None = None  # completions with echo: each prompt's text
     include_usage: bool = False
+    ignore_eos: bool = False
     log: Callable[[str], None] = print
     path: str = ""
 
@@ -105,7 +106,7 @@ class Job:
 
             request = Request(prompt, self.settings, emit, stop_ids=self.stop_ids, logprobs=self.logprobs,
                               prompt_logprobs=self.echo is not None and self.logprobs is not None,
-                              first_choice=p * n)
+                              first_choice=p * n, ignore_eos=self.ignore_eos)
             self.requests.append(request)
             self.engine.submit(request)
 

@@ -3,7 +3,7 @@
 Unknown fields are refused (400 naming the field), so a misspelt option never silently does nothing.
 Fields OpenAI defines that pocketlm does not implement are accepted only at values that change nothing
 (`logit_bias` empty, `suffix` null, `tools` empty, `response_format` text, ...). Extensions, as in vLLM:
-`top_k` and `repetition_penalty` (Hugging Face's multiplicative penalty; 1 = off).
+`top_k`, `repetition_penalty` (Hugging Face's multiplicative penalty; 1 = off) and `ignore_eos`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class _Sampling(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=10)  # extension
+    ignore_eos: bool | None = False  # extension (vLLM's): generate max_tokens tokens, through end-of-text
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
