@@ -1,14 +1,24 @@
-"""Decoding speed at batch 1: pocketlm's KV-cache loop vs transformers' generate, on the same weights.
+"""Decoding and prefill speed at batch 1: pocketlm fp32/bf16/int8/int4 vs transformers vs llama.cpp.
 
-    python benchmarks/bench_decode.py [--model gpt2] [--new-tokens 128] [--repeats 3] [--threads N]
+    python benchmarks/bench_decode.py                       # smollm2-135m, every variant that is installed
+    python benchmarks/bench_decode.py --model gpt2-tiny --variants pocketlm-fp32,pocketlm-int8   # a quick check
 
-Builds a randomly initialised named config (seeded), saves it as a pocketlm model folder, loads that
-folder with transformers' AutoModelForCausalLM, and times greedy decoding of --new-tokens tokens with
-each, alternating runs so both see the same machine load. Prints tokens/s (median and best of the
-repeats, prefill of the short prompt included), CPU milliseconds per token (steadier than wall time on
-a busy machine; with several threads it includes their spin-waiting), the ratio, whether both produced the same tokens, and
-the memory-bandwidth bound: every decoded token reads every weight once, so tokens/s <= bandwidth /
-weight bytes (default 17 GB/s, a typical laptop's DRAM).
+Every variant decodes --new-tokens (128) greedy tokens after the same --prompt-tokens (64) prompt, with no
+end-of-text stop, alternating variants in each repeat so all see the same machine load. "decode tok/s"
+counts the tokens after the first one over the time after the first one (prefill excluded), the median of
+--repeats; "prefill tok/s" times a --prefill-tokens (512) prompt. Variants:
+
+  pocketlm-fp32 / pocketlm-bf16     the model in that dtype (KV-cache loop of pocketlm.generate)
+  pocketlm-int8 / pocketlm-int4     `pocketlm quantize` folders (int8 and int4 group-32 kernels)
+  transformers-fp32 / -bf16         AutoModelForCausalLM.generate on the same weights (an HF folder)
+  llamacpp-q4_1                     llama.cpp (llama-cpp-python) on the built-in Q4_1 GGUF of smollm2-135m
+  llamacpp-q8_0                     llama.cpp on the Q8_0 export of the pocketlm int8 folder (same weights)
+
+llama-cpp-python builds llama.cpp from source: `pip install -e '.[bench]'` (or `pip install
+llama-cpp-python`); when it is missing, its rows say so. With the built-in base (weights: builtin) the
+weights are SmolLM2's; for other names (weights: random) a seeded random init. The memory-bandwidth bound:
+every decoded token reads every weight once, so tokens/s <= bandwidth / bytes of weights; "% of bound" uses
+this machine's measured read bandwidth (a sum over a 512 MB buffer).
 """
 
 from __future__ import annotations
@@ -16,119 +26,260 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-PROMPT = "The history of the old city begins with a small harbour on the northern coast, where"
-
-
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process): on a loaded machine CPU time shows the work itself."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+VARIANTS = ("pocketlm-fp32", "pocketlm-bf16", "pocketlm-int8", "pocketlm-int4", "transformers-fp32",
+            "transformers-bf16", "llamacpp-q4_1", "llamacpp-q8_0")
+TEXT = ("The history of the old city begins with a small harbour on the northern coast, where fishermen "
+        "traded salt and wool with merchants from the islands. Over three centuries the town grew around the "
+        "market square, and its walls were rebuilt after every war. ")
 
 
 def measured_bandwidth_gbs(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
     """This machine's read bandwidth: the best of a few sums over a buffer far larger than any cache."""
     x = torch.ones(n_bytes // 4)
     x.sum()
-    best = min(timed(x.sum)[0] for _ in range(repeats))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
     return n_bytes / best / 1e9
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, shared tensors once (what one decoded token reads, about)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class Pocketlm:
+    def __init__(self, model, threads: int) -> None:
+        self.model = model.eval()
+
+    def decode(self, ids: list[int], n: int) -> tuple[list[int], float]:
+        from pocketlm.generate import SamplingSettings, generate_tokens
+
+        stamps: list[float] = []
+        settings = SamplingSettings(max_new_tokens=n, temperature=0)
+        out = generate_tokens(self.model, torch.tensor([ids]), settings, eos_id=None,
+                              on_step=lambda rows, toks: stamps.append(time.perf_counter()))
+        return out[0].tolist(), (n - 1) / (stamps[-1] - stamps[0])
+
+    def prefill(self, ids: list[int]) -> float:
+        with torch.inference_mode():
+            cache = self.model.new_cache(1, len(ids))
+            t = time.perf_counter()
+            self.model(torch.tensor([ids]), cache=cache)
+            return len(ids) / (time.perf_counter() - t)
+
+
+class Transformers:
+    def __init__(self, folder: Path, dtype: torch.dtype, eos: int | None) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        self.pad = eos if eos is not None else 0
+
+    def decode(self, ids: list[int], n: int) -> tuple[list[int], float]:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        stamps: list[float] = []
+
+        def stamp(input_ids, scores):  # called once per new token, after the forward that produced it
+            stamps.append(time.perf_counter())
+            return scores
+
+        config = GenerationConfig(max_new_tokens=n, do_sample=False, use_cache=True, eos_token_id=None,
+                                  pad_token_id=self.pad, bos_token_id=None)
+        idx = torch.tensor([ids])
+        with torch.inference_mode():
+            out = self.model.generate(idx, generation_config=config, attention_mask=torch.ones_like(idx),
+                                      logits_processor=LogitsProcessorList([stamp]))
+        end = time.perf_counter()
+        return out[0, len(ids):].tolist(), (n - 1) / (end - stamps[0]) if stamps else float("nan")
+
+    def prefill(self, ids: list[int]) -> float:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            self.model(torch.tensor([ids]), use_cache=True)
+            return len(ids) / (time.perf_counter() - t)
+
+
+class LlamaCpp:
+    def __init__(self, path: Path, threads: int, context: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_ctx=context, n_threads=threads, n_batch=512, verbose=False)
+
+    def decode(self, ids: list[int], n: int) -> tuple[list[int], float]:
+        tokens, stamps = [], []
+        for tok in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            tokens.append(int(tok))
+            if len(tokens) == n:
+                break
+        return tokens, (n - 1) / (stamps[-1] - stamps[0])
+
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        t = time.perf_counter()
+        self.llm.eval(ids)
+        return len(ids) / (time.perf_counter() - t)
+
+
+def build(args, tmp: Path) -> tuple[dict, dict, dict, list[int], dict]:
+    """(runners, weight bytes, notes, prompt ids, info): one runner per available variant."""
+    from pocketlm.checkpoint import save_model
+    from pocketlm.compress.api import quantize
+    from pocketlm.hf import BUILTIN_BASES
+    from pocketlm.model import GPT, get_config
+    from pocketlm.tokenizer import load_tokenizer
+
+    builtin = args.weights == "builtin" or (args.weights == "auto" and args.model in BUILTIN_BASES)
+    if builtin:
+        from pocketlm.checkpoint import load_model
+
+        model, tok = load_model(args.model)
+    else:
+        torch.manual_seed(0)
+        model, tok = GPT(get_config(args.model)).eval(), load_tokenizer(get_config(args.model).tokenizer)
+    fp32_dir = save_model(model.float(), tok, tmp / "fp32")
+    ids = (tok.encode(TEXT) * (1 + args.prefill_tokens // 20))[: args.prefill_tokens]
+    runners, nbytes, notes = {}, {}, {}
+    wanted = args.variants.split(",")
+    for v in wanted:
+        if v not in VARIANTS:
+            sys.exit(f"unknown variant {v}: choose from {', '.join(VARIANTS)}")
+    ctx = args.prompt_tokens + args.new_tokens
+    for v in wanted:
+        kind, fmt = v.split("-")
+        try:
+            if kind == "pocketlm":
+                if fmt in ("int8", "int4"):
+                    quantize(fp32_dir, fmt, tmp / fmt, progress=False)
+                    from pocketlm.checkpoint import load_model
+
+                    m = load_model(tmp / fmt)[0]
+                else:
+                    import copy
+
+                    m = copy.deepcopy(model).to(torch.bfloat16 if fmt == "bf16" else torch.float32)
+                runners[v], nbytes[v] = Pocketlm(m, args.threads), weight_bytes(m)
+            elif kind == "transformers":
+                r = Transformers(fp32_dir, torch.bfloat16 if fmt == "bf16" else torch.float32, tok.eos_id)
+                runners[v], nbytes[v] = r, weight_bytes(r.model)
+            else:
+                import llama_cpp  # noqa: F401 - fail early with the reason in the notes
+
+                path = gguf_file(fmt, builtin, model, tok, fp32_dir, tmp)
+                runners[v], nbytes[v] = LlamaCpp(path, args.threads, max(ctx, args.prefill_tokens) + 8), path.stat().st_size
+        except ImportError as exc:
+            notes[v] = f"not measured: {exc.name or exc} is not installed (pip install -e '.[bench]')"
+    return runners, nbytes, notes, ids, {"builtin": builtin, "params": model.num_parameters()}
+
+
+def gguf_file(fmt: str, builtin: bool, model, tok, fp32_dir: Path, tmp: Path) -> Path:
+    """q4_1: the built-in GGUF itself (else an export); q8_0: the pocketlm int8 folder exported losslessly."""
+    if fmt == "q4_1" and builtin:
+        from pocketlm.gguf_import import smollm2_gguf_path
+
+        return Path(smollm2_gguf_path())
+    if fmt == "q8_0":
+        from pocketlm.checkpoint import load_model
+        from pocketlm.compress.api import quantize
+        from pocketlm.compress.gguf import export_quantized_gguf
+
+        if not (tmp / "int8").exists():
+            quantize(fp32_dir, "int8", tmp / "int8", progress=False)
+        return export_quantized_gguf(load_model(tmp / "int8")[0], tok, tmp / "q8_0.gguf", "q8_0")
+    from pocketlm.gguf_export import write_gguf
+
+    return write_gguf(model, tok, tmp / f"{fmt}.gguf", dtype=fmt)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2", help="a named config from `pocketlm models` (gpt2)")
+    parser.add_argument("--model", default="smollm2-135m", help="a built-in base or a named config (smollm2-135m)")
+    parser.add_argument("--weights", choices=("auto", "builtin", "random"), default="auto")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--bandwidth-gbs", type=float, default=17.0,
-                        help="nominal memory bandwidth for the bound (the measured one is printed beside it)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="threads for torch and llama.cpp (torch's default)")
     args = parser.parse_args()
-
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from pocketlm.checkpoint import save_model
-    from pocketlm.generate import SamplingSettings, generate_tokens
-    from pocketlm.model import GPT, get_config
-    from pocketlm.tokenizer import load_tokenizer
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    cfg = get_config(args.model)
-    ours = GPT(cfg).eval()
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    args.threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_model(ours, tokenizer, Path(tmp) / args.model)
-        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ours.to(device)
-    theirs.to(device)
+        runners, nbytes, notes, ids, info = build(args, Path(tmp))
+        prompt = ids[: args.prompt_tokens]
+        for r in runners.values():  # warm-up: first-call allocations, kernel layouts
+            r.decode(prompt, 4)
+        rates = {v: [] for v in runners}
+        prefill = {v: [] for v in runners}
+        tokens: dict[str, list[int]] = {}
+        for _ in range(args.repeats):
+            for v, r in runners.items():
+                tokens[v], rate = r.decode(prompt, args.new_tokens)
+                rates[v].append(rate)
+                prefill[v].append(r.prefill(ids))
+    report(args, runners, nbytes, notes, info, rates, prefill, tokens)
 
-    idx = torch.tensor([tokenizer.encode(PROMPT)], device=device)
-    n = args.new_tokens
-    settings = SamplingSettings(max_new_tokens=n, temperature=0)
-    # No end-of-text and no minimum length: both decode exactly n tokens with unmodified logits.
-    gen_config = GenerationConfig(max_new_tokens=n, do_sample=False, use_cache=True, eos_token_id=None,
-                                  pad_token_id=tokenizer.eos_id, bos_token_id=None)
-    results: dict[str, torch.Tensor] = {}
 
-    def run_ours() -> None:
-        results["pocketlm"] = generate_tokens(ours, idx, settings, eos_id=None)[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def run_theirs() -> None:
-        with torch.inference_mode():
-            out = theirs.generate(idx, generation_config=gen_config, attention_mask=torch.ones_like(idx))
-        results["transformers"] = out[0, idx.size(1):]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    run_ours()  # warm-up: first-call allocations, kernel selection
-    run_theirs()
-    times: dict[str, list[float]] = {"pocketlm": [], "transformers": []}
-    cpu_times: dict[str, list[float]] = {"pocketlm": [], "transformers": []}
-    for _ in range(args.repeats):  # alternate so that both see the same background load
-        for name, fn in (("pocketlm", run_ours), ("transformers", run_theirs)):
-            wall, cpu = timed(fn)
-            times[name].append(wall)
-            cpu_times[name].append(cpu)
-
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied weights once
-    bound = args.bandwidth_gbs * 1e9 / weight_bytes
-    measured = measured_bandwidth_gbs() if device.type == "cpu" else float("nan")
-    measured_bound = measured * 1e9 / weight_bytes
-    rate = {k: n / statistics.median(v) for k, v in times.items()}
-    best = {k: n / min(v) for k, v in times.items()}
-    same = torch.equal(results["pocketlm"].cpu(), results["transformers"].cpu())
-    if not same:
-        diff = (results["pocketlm"].cpu() != results["transformers"].cpu()).nonzero()
-        first_diff = int(diff[0]) if diff.numel() else min(len(results["pocketlm"]), len(results["transformers"]))
-
+def report(args, runners, nbytes, notes, info, rates, prefill, tokens) -> None:
+    bandwidth = measured_bandwidth_gbs()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"decode benchmark: {args.model} ({ours.num_parameters():,} parameters, random weights, fp32), "
-          f"batch 1, prompt {idx.size(1)} tokens, {n} new tokens, greedy, KV cache")
-    print(f"device {device}, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
-          f"load average {load:.2f}, repeats {args.repeats}")
+    print(f"decode benchmark: {args.model} ({info['params']:,} parameters, "
+          f"{'built-in weights' if info['builtin'] else 'random weights'}), batch 1, greedy, prompt "
+          f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens; prefill of {args.prefill_tokens} tokens")
+    print(f"threads {args.threads}, {os.cpu_count()} CPUs, load average {load:.2f}, repeats {args.repeats}, "
+          f"measured read bandwidth {bandwidth:.1f} GB/s")
     print()
-    print(f"{'implementation':<16}{'tokens/s (median)':>19}{'tokens/s (best)':>17}{'% of bound':>12}"
-          f"{'% of measured':>15}{'CPU ms/token':>14}")
-    for k in ("pocketlm", "transformers"):
-        cpu_ms = 1000 * statistics.median(cpu_times[k]) / n
-        print(f"{k:<16}{rate[k]:>19.1f}{best[k]:>17.1f}{100 * rate[k] / bound:>11.0f}%"
-              f"{100 * rate[k] / measured_bound:>14.0f}%{cpu_ms:>14.1f}")
+    print(f"{'variant':<19}{'decode tok/s':>13}{'best':>8}{'prefill tok/s':>15}{'weights MB':>12}{'bound tok/s':>13}"
+          f"{'% of bound':>12}{'same tokens':>13}")
+    ref = tokens.get("pocketlm-fp32")
+    med = {v: statistics.median(r) for v, r in rates.items()}
+    for v in VARIANTS:
+        if v not in runners:
+            if v in notes:
+                print(f"{v:<19}{notes[v]}")
+            continue
+        bound = bandwidth * 1e9 / nbytes[v]
+        same = "-" if ref is None else f"{_agree(ref, tokens[v])}/{len(ref)}"
+        print(f"{v:<19}{med[v]:>13.1f}{max(rates[v]):>8.1f}{statistics.median(prefill[v]):>15.1f}"
+              f"{nbytes[v] / 1e6:>12.1f}{bound:>13.1f}{100 * med[v] / bound:>11.0f}%{same:>13}")
     print()
-    print(f"ratio pocketlm / transformers (median): {rate['pocketlm'] / rate['transformers']:.2f}x")
-    print(f"memory-bandwidth bound: {weight_bytes / 1e6:.1f} MB of weights per token / {args.bandwidth_gbs:g} GB/s "
-          f"= {bound:.1f} tokens/s; at this machine's measured {measured:.1f} GB/s: {measured_bound:.1f} tokens/s")
-    print("same greedy tokens: " + ("yes" if same else f"NO (first difference at new token {first_diff})"))
+    pairs = [("pocketlm-int8", "pocketlm-fp32", "decode", "goal >= 3"),
+             ("pocketlm-int4", "llamacpp-q4_1", "decode", "goal >= 1.0"),
+             ("pocketlm-int8", "transformers-fp32", "prefill", "goal >= 1.5"),
+             ("pocketlm-fp32", "transformers-fp32", "decode", "")]
+    for a, b, what, goal in pairs:
+        if a in med and b in med:
+            x = med[a] / med[b] if what == "decode" else statistics.median(prefill[a]) / statistics.median(prefill[b])
+            print(f"{what} {a} / {b}: {x:.2f}x {goal}")
+        else:
+            print(f"{what} {a} / {b}: not measured ({', '.join(notes.get(v, 'not selected') for v in (a, b) if v not in med)})")
+    print("same tokens: greedy tokens identical to pocketlm-fp32 before the first difference")
+
+
+def _agree(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 if __name__ == "__main__":

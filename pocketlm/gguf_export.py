@@ -35,7 +35,7 @@ def _gguf_pre_name(backend: HFTokenizer) -> str:
 GGUF_EXPORT_TYPES = ("fp32", "fp16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
-def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = "fp32") -> Path:
+def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = "fp32", tensors=None) -> Path:
     """Write a GGUF file llama.cpp and transformers load: metadata, byte-level BPE tokenizer, weights in
     fp32, fp16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (1-D tensors stay fp32, as llama.cpp expects)."""
     import json
@@ -108,7 +108,10 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = 
         writer.add_bos_token_id(bos)
     writer.add_add_bos_token(False)
 
-    for name, tensor in model.state_dict().items():
+    if tensors is not None:  # already in GGUF blocks (pocketlm.compress.gguf: quantized folders, losslessly)
+        for gguf_name, data, kind in tensors:
+            writer.add_tensor(gguf_name, data, raw_dtype=kind)
+    for name, tensor in ({} if tensors is not None else model.state_dict()).items():
         if name == "lm_head.weight" and cfg.tie_embeddings and cfg.family == "llama":
             continue  # llama.cpp reuses token_embd when output.weight is absent
         array = tensor.detach().float().cpu().numpy()

@@ -230,3 +230,33 @@ def test_compression_table(src, tmp_path, tiny_text):
     assert "int4" in format_table(rows)
     with pytest.raises(UserError, match="--formats"):
         compression_table(str(src), "fp32,int3", tmp_path / "u", eval_text=tiny_text)
+
+
+@pytest.mark.parametrize("fmt,scheme,dtype", [("int8", "sym", "q8_0"), ("int4", "sym", "q4_0"), ("int4", "asym", "q4_1")])
+def test_gguf_export_copies_the_codes(src, tmp_path, fmt, scheme, dtype):
+    from pocketlm.checkpoint import load_model
+    from pocketlm.cli.export import export
+
+    quantize(src, fmt, tmp_path / "q", scheme=scheme, progress=False)
+    export(str(tmp_path / "q"), tmp_path / "m.gguf", dtype=dtype, fmt="gguf")
+    folder, _ = load_model(tmp_path / "q")
+    back, _ = load_model(tmp_path / "m.gguf")  # pocketlm's GGUF reader dequantizes the blocks
+    for name in ("transformer.h.0.attn.q_proj", "transformer.h.1.mlp.down_proj"):
+        want = folder.get_submodule(name).dequantized_weight(torch.float32)
+        got = back.get_submodule(name).weight
+        if dtype == "q4_1":  # the min is rounded to fp16
+            assert torch.allclose(got, want, atol=2e-3 * float(want.abs().max()))
+        else:
+            assert torch.equal(got, want), name
+    assert torch.equal(back.transformer.wte.weight, folder.transformer.wte.dequantized_weight(torch.float32))
+
+
+def test_gguf_export_refuses_what_the_type_cannot_hold(src, tmp_path):
+    from pocketlm.cli.export import export
+
+    quantize(src, "int4", tmp_path / "g64", group_size=64, progress=False)
+    with pytest.raises(UserError, match="--group-size 32"):
+        export(str(tmp_path / "g64"), tmp_path / "a.gguf", dtype="q4_0", fmt="gguf")
+    with pytest.raises(UserError, match="quantize twice"):
+        export(str(tmp_path / "g64"), tmp_path / "b.gguf", dtype="q5_0", fmt="gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))

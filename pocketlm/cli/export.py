@@ -51,6 +51,16 @@ def export(source: str, out: str | Path, dtype: str = "fp32", fmt: str = "hf", o
 
     model, tokenizer = checkpoint.load_model(source, device="cpu")
     metadata = {"exported_from": str(source), "dtype": dtype}
+    from pocketlm.compress.convert import dequantize_model, is_quantized
+
+    if is_quantized(model):  # a `pocketlm quantize` folder: GGUF gets its own codes, HF the float weights
+        if fmt == "gguf":
+            from pocketlm.compress.gguf import export_quantized_gguf
+
+            export_quantized_gguf(model, tokenizer, out, dtype)
+            return out
+        model = dequantize_model(model)
+        metadata["dequantized_from"] = "pocketlm quantize folder"
     if any("lora_" in name for name, _ in model.named_parameters()):
         from pocketlm import lora  # a LoRA run: export the base with the adapter folded in
 

@@ -88,12 +88,22 @@ class Int8Linear(_QuantLinear):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return fm.dequantize_int8(self.qweight, self.scales, dtype)
 
+    def _apply(self, fn, recurse=True):
+        self._scales_c = None  # a device or dtype move invalidates the cast scales
+        return super()._apply(fn, recurse)
+
+    def _kernel_scales(self, cdt: torch.dtype) -> torch.Tensor:
+        cached = getattr(self, "_scales_c", None)
+        if cached is None or cached.dtype != cdt or cached.device != self.scales.device:
+            cached = self._scales_c = self.scales.to(cdt)  # once, not a cast per token
+        return cached
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cdt = self._cdt(x)
         if x.device.type != "cpu" or x.requires_grad:  # the kernel is CPU-only and has no backward
             return self._fallback(x, cdt)
         x2 = x.reshape(-1, self.in_features).to(cdt)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(cdt))
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._kernel_scales(cdt))
         return self._finish(y, x)
 
 
@@ -189,8 +199,9 @@ class Int8Embedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The codes: GPT.new_cache reads wte.weight for the device (an integer dtype means 'use fp32')."""
-        return self.qweight
+        """The row scales: a float tensor in the table's output dtype and device, for code that reads
+        `wte.weight` only for those (GPT.new_cache sizes the KV cache by it). The codes are `qweight`."""
+        return self.scales
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return fm.dequantize_int8(self.qweight, self.scales, dtype)
