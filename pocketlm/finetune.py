@@ -160,6 +160,11 @@ def finetune(cfg: TrainConfig, *, adapter: AdapterConfig | dict | None = None,
     check_data_tokenizer(cfg.data, load_tokenizer(cfg.model), cfg.model)
     model, tokenizer = load_base(cfg.model)
     extra: dict = {"base": cfg.model}
+    from pocketlm.compress.convert import dequantize_model, is_quantized
+
+    if is_quantized(model) and cfg.method == "full":  # full fine-tuning trains float weights
+        model = dequantize_model(model).requires_grad_(True)
+        extra["base_dequantized"] = True
 
     if lr_search:
         record = RunDir(cfg.out).read_lr_search() if cfg.resume else None  # the search already picked the rate

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pocketlm import hf
+from pocketlm.compress.modules import QUANT_LINEARS  # int8/int4/fp8 bases (pocketlm quantize folders)
 from pocketlm.errors import UserError
 from pocketlm.quant import BLOCK_SIZE, NF4Linear, _compute_dtype, frozen_linear_lora
 
@@ -64,7 +65,7 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.rank, self.alpha, self.dropout, self.use_rslora = rank, alpha, dropout, use_rslora
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
-        device = (base_layer.weight if isinstance(base_layer, nn.Linear) else base_layer.weight_absmax).device
+        device = base_layer.weight.device if isinstance(base_layer, nn.Linear) else next(base_layer.buffers()).device
         # Adapters are float32 whatever the base holds: they are what the optimizer updates.
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
@@ -78,6 +79,8 @@ class LoraLinear(nn.Module):
         base = self.base_layer
         if isinstance(base, NF4Linear):
             weight, absmax = base.weight_packed, base.weight_absmax
+        elif isinstance(base, QUANT_LINEARS):  # an int8/int4/fp8 base: its weight, dequantized for this call
+            weight, absmax = base.dequantized_weight(_compute_dtype(x)), None
         else:
             weight, absmax = base.weight, None
         return frozen_linear_lora(x, xd, weight, absmax, base.bias, self.lora_A, self.lora_B, self.scaling,
@@ -91,7 +94,7 @@ class LoraLinear(nn.Module):
         """A plain nn.Linear computing the same function (an NF4 base is dequantized first), in `dtype`
         (default: the base weight's)."""
         base = self.base_layer
-        linear = base.dequantize() if isinstance(base, NF4Linear) else base
+        linear = base.dequantize() if isinstance(base, (NF4Linear, *QUANT_LINEARS)) else base
         weight = linear.weight.float() + self.delta_weight()
         linear.to(dtype=dtype or linear.weight.dtype)
         with torch.no_grad():
@@ -107,7 +110,8 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear layer inside the transformer blocks (not lm_head), by pocketlm module path."""
     out = {}
     for name, module in model.named_modules():
-        if name.startswith("transformer.h.") and isinstance(module, (nn.Linear, NF4Linear, LoraLinear)):
+        if name.startswith("transformer.h.") and isinstance(module, (nn.Linear, NF4Linear, *QUANT_LINEARS,
+                                                                      LoraLinear)):
             if ".base_layer" not in name:
                 out[name] = module
     return out
@@ -224,7 +228,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, module in list(block_linears(model).items()):
         if isinstance(module, LoraLinear):
             _set_module(model, name, module.merged(dtype))
-        elif isinstance(module, NF4Linear):
+        elif isinstance(module, (NF4Linear, *QUANT_LINEARS)):
             _set_module(model, name, module.dequantize().to(dtype=dtype or torch.float32))
     for p in model.parameters():
         p.requires_grad_(True)

@@ -98,3 +98,25 @@ def test_qat_bad_input():
         QATOptions("nf4").validate("full")
     with pytest.raises(UserError, match="start-step"):
         QATOptions("int4", start_step=-1).validate("full")
+
+
+def test_lora_on_an_int4_folder_and_full_on_an_int8_folder(base, tiny_data, tmp_path, one_thread):
+    from pocketlm.checkpoint import load_model
+    from pocketlm.compress.api import quantize
+    from pocketlm.compress.modules import Int4Linear
+    from pocketlm.lora import LoraLinear
+
+    quantize(base, "int4", tmp_path / "q4", progress=False)
+    run = tmp_path / "lora"
+    main(["finetune", "--base", str(tmp_path / "q4"), "--data", str(tiny_data), "--method", "lora", "--rank", "4",
+          "--targets", "attn+mlp", "--out", str(run), *FLAGS, "--max-steps", "3", "--eval-every", "3"])
+    losses = [r["train_loss"] for r in _rows(run)]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses) and losses[-1] < losses[0]
+    model, _ = load_model(run)  # base folder + adapter: LoRA over the int4 kernels' weights
+    layer = model.transformer.h[0].mlp.up_proj
+    assert isinstance(layer, LoraLinear) and isinstance(layer.base_layer, Int4Linear)
+    assert layer.lora_B.abs().sum() > 0
+    quantize(base, "int8", tmp_path / "q8", progress=False)
+    full = tmp_path / "full"
+    _finetune(tmp_path / "q8", tiny_data, full, "--max-steps", "2", "--eval-every", "2")
+    assert json.loads((full / "summary.json").read_text())["base_dequantized"] is True
