@@ -92,8 +92,9 @@ class DistillationObjective:
 
     def setup(self, trainer) -> None:
         if self.teacher is None:
+            context = trainer.cfg.context or getattr(trainer, "model_context", None)
             self.teacher = load_teacher(self.settings, trainer.tokenizer, trainer.device, trainer.precision,
-                                        context=getattr(trainer.cfg, "context", None))
+                                        context=context)
 
     def loss(self, model, batch) -> torch.Tensor:
         inputs, targets = batch
@@ -131,3 +132,16 @@ def check_teacher_tokenizer(teacher_tokenizer, student_tokenizer, teacher: str) 
             f"{teacher_tokenizer.identity[:19]}…) than the student ({student_tokenizer.name}, "
             f"{student_tokenizer.identity[:19]}…): distillation compares next-token distributions id by id, so "
             "choose a teacher with the student's tokenizer")
+
+
+def distillation_objective(cfg) -> DistillationObjective:
+    """The objective for a TrainConfig with `teacher` set (the teacher loads in the Trainer's setup)."""
+    return DistillationObjective(DistillSettings(cfg.teacher, cfg.distill_alpha, cfg.distill_temperature))
+
+
+def check_teacher_for(cfg, student_tokenizer) -> None:
+    """Before any weights load: the teacher's tokenizer must be the student's."""
+    from pocketlm.tokenizer import load_tokenizer
+
+    if cfg.teacher:
+        check_teacher_tokenizer(load_tokenizer(cfg.teacher), student_tokenizer, cfg.teacher)

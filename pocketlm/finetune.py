@@ -158,6 +158,10 @@ def finetune(cfg: TrainConfig, *, adapter: AdapterConfig | dict | None = None,
         qat.validate(cfg.method)
     # The tokenizer check first: it is cheap, loading a base's weights is not.
     check_data_tokenizer(cfg.data, load_tokenizer(cfg.model), cfg.model)
+    if cfg.teacher:
+        from pocketlm.distill import check_teacher_for
+
+        check_teacher_for(cfg, load_tokenizer(cfg.model))
     model, tokenizer = load_base(cfg.model)
     extra: dict = {"base": cfg.model}
     from pocketlm.compress.convert import dequantize_model, is_quantized

@@ -93,6 +93,9 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters with FSDP2 under torchrun
     tensorboard: bool = False  # also write TensorBoard event files to RUN/tensorboard
     wandb_project: str | None = None  # also log to Weights & Biases under this project
+    teacher: str | None = None  # distil from this model SOURCE (same tokenizer): pocketlm.distill
+    distill_alpha: float = 0.5  # loss = CE + alpha * T^2 * KL(teacher_T || student_T)
+    distill_temperature: float = 2.0  # T: softens both distributions before the KL
 
     def __post_init__(self) -> None:
         self.adapter = AdapterConfig.from_value(self.adapter)
@@ -126,6 +129,10 @@ class TrainConfig:
             from pocketlm.eval.forms import get_form  # registered forms beyond the built-in ones
 
             get_form(self.eval_form)
+        if self.teacher is not None:
+            from pocketlm.distill import DistillSettings
+
+            DistillSettings(self.teacher, self.distill_alpha, self.distill_temperature).validate()
         if require_data and not self.data:
             raise UserError("no training data: pass --data DIR (a folder made by `pocketlm prepare`)")
         self._validate_schedule()
@@ -276,6 +283,10 @@ _FLAGS: list[tuple[str, type, str, str | None]] = [
     ("eval_form", str, f"form check during training: {', '.join(FORMS)}", "none"),
     ("wandb_project", str, "also log metrics to Weights & Biases under this project (pip install wandb; "
      "WANDB_MODE=offline works without an account)", "off"),
+    ("teacher", str, "distil from this model SOURCE (it must share the student's tokenizer): the loss adds "
+     "alpha * T^2 * KL(teacher || student) over temperature-softened next-token distributions", "none"),
+    ("distill_alpha", float, "weight of the distillation term (0 = plain training)", None),
+    ("distill_temperature", float, "temperature T that softens both distributions", None),
 ]
 _SWITCHES: list[tuple[str, str]] = [
     ("compile", "torch.compile the model (for GPUs; slow to compile on a CPU)"),

@@ -426,7 +426,15 @@ class Trainer:
 
 def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSaver | None = None,
           extra_summary: dict | None = None, **extensions) -> dict:
-    """Train `model` with `cfg` and return the summary: `Trainer(...).train()` (see Trainer for `extensions`)."""
+    """Train `model` with `cfg` and return the summary: `Trainer(...).train()` (see Trainer for `extensions`).
+
+    With `cfg.teacher` set (and no objective given), the objective is logit distillation (pocketlm.distill)."""
+    if cfg.teacher and "objective" not in extensions:
+        from pocketlm.distill import distillation_objective
+
+        extensions["objective"] = distillation_objective(cfg)
+        extra_summary = {**(extra_summary or {}), "distill": {"teacher": cfg.teacher, "alpha": cfg.distill_alpha,
+                                                             "temperature": cfg.distill_temperature}}
     return Trainer(model, tokenizer, cfg, saver=saver, extra_summary=extra_summary, **extensions).train()
 
 
