@@ -59,7 +59,9 @@ def model():
 def server(model, tok):
     torch.set_num_threads(1)
     lines: list[str] = []
-    srv = start(model, tok, model_name="tiny", chat_template=TEMPLATE, max_batch=8, log=lines.append)
+    # prefill_chunk 16: the longer prompts are prefilled over several iterations, between decode steps
+    srv = start(model, tok, model_name="tiny", chat_template=TEMPLATE, max_batch=8, prefill_chunk=16,
+                log=lines.append)
     srv.lines = lines
     yield srv
     srv.stop()
@@ -271,6 +273,23 @@ def test_chat_without_a_template_is_a_clear_400(model, tok):
         with pytest.raises(openai.BadRequestError, match="--chat-template"):
             c.chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}])
         assert c.completions.create(model="plain", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        srv.stop()
+
+
+def test_a_quantized_folder_serves_the_same_greedy_text_as_generate(tmp_path, tok):
+    from pocketlm.checkpoint import load_model
+    from pocketlm.compress.api import quantize
+
+    save_model(_model("llama"), tok, tmp_path / "float")
+    quantize(tmp_path / "float", "int8", tmp_path / "int8", progress=False)
+    model, tokenizer = load_model(tmp_path / "int8")
+    srv = start(model, tokenizer, model_name="q", log=lambda _line: None)
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        for prompt in PROMPTS[:2]:
+            r = c.completions.create(model="q", prompt=prompt, max_tokens=12, temperature=0)
+            assert r.choices[0].text == _greedy(model, tokenizer, prompt, 12)
     finally:
         srv.stop()
 

@@ -23,8 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="Jinja chat template file (or `chatml`) for models whose tokenizer has none")
     p.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together (default 64)")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens prefilled between two decode steps (default 512)")
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="prompt tokens prefilled between two decode steps (default 128): larger starts long "
+                        "prompts sooner, smaller keeps running streams smoother")
     p.add_argument("--default-max-tokens", type=int, default=512,
                    help="chat completion length when a request gives no max_tokens (default 512)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

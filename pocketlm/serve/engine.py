@@ -103,7 +103,7 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 64, prefill_chunk: int = 512) -> None:
+    def __init__(self, model, tokenizer, max_batch: int = 64, prefill_chunk: int = 128) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.device = next(model.parameters()).device

@@ -72,7 +72,7 @@ def _describe(model, device, name: str) -> str:
 
 def serve(source: str, *, adapter: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, chat_template: str | Path | None = None,
-          max_batch: int = 64, prefill_chunk: int = 512, default_chat_tokens: int = 512, device: str = "auto",
+          max_batch: int = 64, prefill_chunk: int = 128, default_chat_tokens: int = 512, device: str = "auto",
           log: Callable[[str], None] | None = None) -> None:
     """Serve SOURCE with OpenAI's API on host:port until interrupted."""
     from pocketlm.serve import chat
@@ -129,7 +129,7 @@ class RunningServer:
 
 def start(model, tokenizer, *, model_name: str = "pocketlm", host: str = "127.0.0.1", port: int = 0,
           api_key: str | None = None, chat_template: str | None = None, max_batch: int = 64,
-          prefill_chunk: int = 512, default_chat_tokens: int = 512,
+          prefill_chunk: int = 128, default_chat_tokens: int = 512,
           log: Callable[[str], None] | None = None) -> RunningServer:
     """Serve an already loaded model from a background thread; returns once it answers."""
     from pocketlm.serve.app import create_app
