@@ -350,6 +350,21 @@ def test_bad_requests_do_not_disturb_a_running_stream(server, client, model, tok
     assert "".join(pieces) == expected
 
 
+def test_a_failing_step_fails_its_requests_but_not_the_server(server, client, monkeypatch):
+    engine = server.engine
+    real = engine._decode_step
+
+    def broken():
+        raise RuntimeError("simulated fault")
+
+    monkeypatch.setattr(engine, "_decode_step", broken)
+    with pytest.raises(openai.InternalServerError, match="simulated fault"):
+        client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0)
+    monkeypatch.setattr(engine, "_decode_step", real)
+    assert wait_idle(engine) and engine.cache.nbytes() == 0
+    assert client.completions.create(model="tiny", prompt="Hello", max_tokens=5).usage.completion_tokens == 5
+
+
 def test_client_disconnect_frees_its_rows(server, client):
     assert wait_idle(server.engine)
     before = server.engine.snapshot()

@@ -223,7 +223,7 @@ class Engine:
             generator = None
             if settings.seed is not None:  # choice j draws from its own stream: seed + j
                 generator = torch.Generator(device=self.device)
-                generator.manual_seed(settings.seed + j)
+                generator.manual_seed((settings.seed + j) % 2**64)
             seqs.append(_Sequence(request, request.first_choice + j, list(request.prompt),
                                   IncrementalDecoder(self.tokenizer, settings.stop, context=context), generator))
         tokens, logprobs = self._sample(seqs, logits.expand(n, -1))
