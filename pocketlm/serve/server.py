@@ -27,7 +27,9 @@ def load(source: str, adapter: str | Path | None = None, device: str = "auto"):
     dev = pick_device(device)
     try:  # the one loader (pocketlm.io) where this version has it
         from pocketlm.io import load_model as io_load_model
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != "pocketlm.io":
+            raise
         io_load_model = None
     if io_load_model is not None:
         model, tokenizer = io_load_model(source, adapter=adapter, device=dev)
