@@ -93,7 +93,10 @@ def serve(source: str, *, adapter: str | Path | None = None, host: str = "127.0.
         raise UserError("--max-batch and --prefill-chunk must be at least 1")
     template = chat.read_template(chat_template) if chat_template is not None else None
     sock = bind(host, port)  # before loading: a busy port fails in a second, not after the model loads
+    log(f"loading {source}{f' with adapter {adapter}' if adapter else ''} ...")
+    started = time.perf_counter()
     model, tokenizer, dev = load(source, adapter, device)
+    log(f"loaded in {time.perf_counter() - started:.1f}s")
     name = model_name or _default_name(source)
     engine = Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk).start()
     app = create_app(engine, name, api_key=api_key, chat_template=template,
