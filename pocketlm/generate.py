@@ -107,27 +107,33 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
         return logits
     # Fast exact path: a peaked distribution's nucleus lies within its few hundred most likely tokens,
     # and a top-k is far cheaper than sorting the vocabulary (about 7 ms a row for 50k tokens on a CPU).
-    # When the k-th token is already dropped in every row, no token past it can be kept.
-    vocab = logits.size(-1)
-    lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+    # A row whose k-th token is already dropped keeps no token past it; only the other rows go on to a
+    # larger k, and finally to the sort.
+    shape, vocab = logits.shape, logits.size(-1)
+    flat = logits.reshape(-1, vocab)
+    lse = torch.logsumexp(flat.float(), dim=-1, keepdim=True)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    todo = torch.arange(flat.size(0), device=flat.device)
     k = 128
-    while k < vocab // 4:
-        values, order = torch.topk(logits, k, dim=-1)
-        probs = (values.float() - lse).exp()
+    while todo.numel() and k < vocab // 4:
+        values, order = torch.topk(flat[todo], k, dim=-1)
+        probs = (values.float() - lse[todo]).exp()
         mass_before = probs.cumsum(dim=-1) - probs
-        if bool((mass_before[..., -1] >= p).all()):
-            keep_sorted = mass_before < p
-            keep_sorted[..., 0] = True
-            keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
-            return logits.masked_fill(~keep, float("-inf"))
-        k *= 8
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.float().softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop_sorted = mass_before >= p
-    drop_sorted[..., 0] = False
-    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
+        done = mass_before[:, -1] >= p
+        if bool(done.any()):
+            keep_sorted = mass_before[done] < p
+            keep_sorted[:, 0] = True
+            keep[todo[done]] = torch.zeros_like(flat[todo[done]], dtype=torch.bool).scatter(-1, order[done],
+                                                                                             keep_sorted)
+        todo, k = todo[~done], k * 8
+    if todo.numel():
+        sorted_logits, order = torch.sort(flat[todo], dim=-1, descending=True)
+        probs = sorted_logits.float().softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        keep_sorted = mass_before < p
+        keep_sorted[:, 0] = True
+        keep[todo] = keep_sorted.scatter(-1, order, keep_sorted)  # back to vocabulary order
+    return logits.masked_fill(~keep.reshape(shape), float("-inf"))
 
 
 def apply_presence_frequency_penalty(logits: torch.Tensor, generated: torch.Tensor, presence: float,
