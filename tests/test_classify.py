@@ -148,7 +148,7 @@ def test_objective_trains_only_the_head_for_method_head():
     attach_head(model, 2, seed=0)
     set_trainable(model, "head")
     ids, mask = pad_batch([[1, 2, 3], [4, 5]], 0)
-    loss = ClassificationObjective()(model.train(), {"input_ids": ids, "attention_mask": mask,
+    loss = ClassificationObjective().loss(model.train(), {"input_ids": ids, "attention_mask": mask,
                                                      "labels": torch.tensor([0, 1])})
     loss.backward()
     grads = [n for n, p in model.named_parameters() if p.grad is not None]
@@ -298,3 +298,22 @@ def test_peft_made_classifier_adapter_loads_in_pocketlm(tmp_path):
     model, _, info = load_classifier(tmp_path / "adapter")
     assert info.num_labels == 3
     assert (_ours(model, ROWS, 0) - _hf_logits(peft_model.eval(), ROWS, 0)).abs().max() < 1e-4
+
+
+def test_length_groups_are_exact_and_change_no_logits():
+    from pocketlm.classify.model import length_groups
+
+    lengths = [3, 40, 4, 38, 5, 41]
+    groups = length_groups(lengths, overhead=8)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert sorted(map(sorted, groups)) == [[0, 2, 4], [1, 3, 5]]  # short rows apart from long ones
+    assert length_groups(lengths, overhead=10_000) == [[0, 2, 4, 3, 1, 5]]  # one group when passes are dear
+    model = tiny("llama")
+    attach_head(model, 3, seed=0)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 50000, (n,), generator=g).tolist() for n in lengths]
+    ids, mask = pad_batch(rows, 0)
+    with torch.no_grad():
+        whole = classifier_logits(model, ids, mask)
+        grouped = classifier_logits(model, ids, mask, group_overhead=8)
+    assert torch.allclose(whole, grouped, atol=1e-5)

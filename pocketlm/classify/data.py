@@ -224,14 +224,16 @@ def select_holdout(rows: list[Row], part: str | None, seed: int, val_fraction: f
     return parts[part], note
 
 
-def write_rows(path: str | Path, rows: list[Row], classes_kind: str = "label") -> None:
-    """JSONL {text, [text_pair], label, line}: splits written into a run, readable by read_labelled."""
+def write_rows(path: str | Path, rows: list[Row], text_column: str, label_column: str,
+               text_pair_column: str | None = None) -> None:
+    """JSONL with the file's own column names (+ `line`): a split part that read_labelled, `eval --classify`
+    and `eval --zero-shot` read with the same columns as the original file."""
     from pocketlm.atomic import atomic_write_text
 
     lines = []
     for r in rows:
-        item = {"text": r.text, **({"text_pair": r.text_pair} if r.text_pair is not None else {}),
-                classes_kind: r.label, "line": r.line}
+        item = {text_column: r.text, **({text_pair_column: r.text_pair} if text_pair_column else {}),
+                label_column: r.label, "line": r.line}
         lines.append(json.dumps(item, ensure_ascii=False))
     atomic_write_text(path, "".join(x + "\n" for x in lines))
 

@@ -62,10 +62,40 @@ class ClassificationBatches:
         return sum(len(self.ids[i]) for i in self.rows(position, count))
 
 
+class ClassificationBatchSource:
+    """The Trainer's batch source for labelled rows: `train_batch(context, position, count)` is rows
+    position .. position+count-1 of the shuffled, length-grouped stream (context is the row cap, which
+    the rows already respect); validation runs through AccuracyMetric, not val_batches."""
+
+    def __init__(self, ids: list[list[int]], labels: list[int], *, seed: int, pad_id: int, max_length: int,
+                 tokenizer_identity: str | None = None, description: str = "labelled rows") -> None:
+        self.batches = ClassificationBatches(ids, labels, seed=seed, pad_id=pad_id)
+        self.max_length = max_length
+        self.tokenizer_identity = tokenizer_identity
+        self.description = description
+
+    def max_context(self) -> int:
+        return self.max_length
+
+    def train_batch(self, context: int, position: int, count: int) -> dict[str, torch.Tensor]:
+        return self.batches.get(position, count)
+
+    def val_batches(self, context: int, n_batches: int, micro_batch: int):
+        return iter(())
+
+
 class ClassificationObjective:
     """Mean cross-entropy of the classifier's logits against the labels (the loss of one micro-batch)."""
 
-    def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def setup(self, trainer) -> None:
+        if trainer.dist.world_size > 1:  # the head reads the blocks directly, past a DDP/FSDP wrapper
+            from pocketlm.errors import UserError
+
+            raise UserError("classification trains in one process: run `pocketlm finetune --task classify` "
+                            "without torchrun")
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the GPT inside
         logits = classifier_logits(model, batch["input_ids"], batch["attention_mask"])
         return F.cross_entropy(logits.float(), batch["labels"])
 
@@ -82,11 +112,14 @@ class AccuracyMetric:
     name: str = "val_accuracy"
     higher_is_better: bool = True
 
-    def __call__(self, model) -> dict[str, float]:
+    def evaluate(self, trainer, context: int) -> dict[str, float]:
+        return self.scores(trainer.model, precision=trainer.precision)
+
+    def scores(self, model, precision: str | None = None) -> dict[str, float]:
         from pocketlm.classify.predict import predict_logits
 
         logits = predict_logits(model, self.ids, pad_id=self.pad_id, batch_size=self.batch_size,
-                                precision=self.precision)
+                                precision=precision or self.precision)
         labels = torch.tensor(self.labels)
         return {"val_accuracy": float((logits.argmax(-1) == labels).float().mean()),
                 "val_loss": float(F.cross_entropy(logits, labels))}
