@@ -9,7 +9,8 @@ from __future__ import annotations
 # Fine-tuning methods (`pocketlm finetune --method`); pretraining is a TrainConfig.method of its own.
 METHODS: tuple[str, ...] = ("full", "lora", "qlora")
 ADAPTER_METHODS: tuple[str, ...] = ("lora", "qlora")  # methods that train a PEFT adapter, not the weights
-TRAIN_METHODS: tuple[str, ...] = ("pretrain", *METHODS)  # every TrainConfig.method
+CLASSIFY_METHODS: tuple[str, ...] = ("head", *METHODS)  # `finetune --task classify`; head: base frozen
+TRAIN_METHODS: tuple[str, ...] = ("pretrain", "head", *METHODS)  # every TrainConfig.method
 
 # Training precision (`--precision`): auto = bf16 where the hardware runs it natively, else fp32.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")

@@ -9,6 +9,7 @@ summary asks a `RunDir`. Layout (ARCHITECTURE.md documents the formats):
     RUN/summary.json                    final figures
     RUN/lr_search.json, RUN/lr_search/lr-X/   a learning-rate search and its short runs
     RUN/tensorboard/                    optional TensorBoard event files
+    RUN/splits/{train,val,test}.jsonl   a classifier's seeded split of a file without --val-data
     RUN/checkpoints/step-NNNNNNN/       weights (a model folder or adapter/) + trainer_state.{json,pt}
     RUN/checkpoints/latest, best        text files naming a step folder, replaced atomically
 
@@ -37,6 +38,7 @@ CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 LR_SEARCH = "lr_search"
 LR_SEARCH_RECORD = "lr_search.json"
+SPLITS = "splits"
 TRAINER_STATE_JSON = "trainer_state.json"  # step, data position, best metric, patience
 TRAINER_STATE_PT = "trainer_state.pt"  # optimizer and RNG state (torch.load with weights_only=True)
 POINTERS = ("latest", "best")
@@ -85,6 +87,10 @@ class RunDir:
     @property
     def tensorboard_dir(self) -> Path:
         return self.path / TENSORBOARD
+
+    @property
+    def splits_dir(self) -> Path:
+        return self.path / SPLITS
 
     @property
     def lr_search_record(self) -> Path:

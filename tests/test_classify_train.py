@@ -30,14 +30,15 @@ def base(tmp_path_factory) -> Path:
 
 
 def _sentiment_file(path: Path, n: int, seed: int) -> Path:
-    """Rows whose label is said by one word somewhere in a sentence of filler words (TSV, CS224N layout)."""
+    """Rows whose label is said by their last word, after filler words (TSV, CS224N layout): a random tiny
+    base's last hidden state carries it, so even a head on a frozen base can learn it."""
     rng = random.Random(seed)
     lines = ["\tid\tsentence\tsentiment"]
     for i in range(n):
         label = rng.randrange(2)
         words = [rng.choice(WORDS) for _ in range(rng.randrange(3, 9))]
-        words.insert(rng.randrange(len(words) + 1), ["awful", "great"][label])
-        lines.append(f"{i}\tid{i}\t {' '.join(words)} .\t{label}")
+        words.append(["awful", "great"][label])
+        lines.append(f"{i}\tid{i}\t {' '.join(words)}\t{label}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 

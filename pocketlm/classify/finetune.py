@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -32,8 +31,8 @@ from pocketlm.classify.io import ClassifierInfo, ClassifierSaver
 from pocketlm.classify.model import attach_head, set_trainable
 from pocketlm.classify.train import AccuracyMetric, ClassificationBatchSource, ClassificationObjective
 from pocketlm.errors import UserError
-
-CLASSIFY_METHODS = ("head", "full", "lora", "qlora")
+from pocketlm.names import CLASSIFY_METHODS
+from pocketlm.rundir import RunDir
 
 
 @dataclass
@@ -71,7 +70,7 @@ def load_splits(cfg, opts: ClassifyOptions) -> tuple[list[Row], list[Row], list[
             f"{len(val_data.rows):,} rows from {opts.val_data}{_skipped(val_data)}")
         return train_data.rows, val_data.rows, [], classes, notes
     train, val, test = split_rows(train_data.rows, cfg.seed, opts.val_fraction, opts.test_fraction)
-    split_dir = Path(cfg.out) / "splits"
+    split_dir = RunDir(cfg.out).splits_dir
     for name, part in (("train", train), ("val", val), ("test", test)):
         if part:
             write_rows(split_dir / f"{name}.jsonl", part, opts.text_column, opts.label_column, opts.text_pair_column)
@@ -113,9 +112,9 @@ def _recipe(cfg, opts: ClassifyOptions):
                    batch_tokens=opts.batch_size * opts.max_length)
 
 
-def finetune_classifier(cfg, opts: ClassifyOptions, *, adapter=None) -> dict:
-    """Train a classifier on cfg.data from base cfg.model with cfg.method; returns the run's summary."""
-    from pocketlm.recipe import AdapterConfig
+def finetune_classifier(cfg, opts: ClassifyOptions) -> dict:
+    """Train a classifier on cfg.data from base cfg.model with cfg.method (head, full, lora, qlora; LoRA
+    settings in cfg.adapter); returns the run's summary."""
     from pocketlm.tokenizer import load_tokenizer
     from pocketlm.train import Trainer
 
@@ -124,9 +123,7 @@ def finetune_classifier(cfg, opts: ClassifyOptions, *, adapter=None) -> dict:
     if opts.max_length < 3:
         raise UserError(f"--max-length must be at least 3 tokens, got {opts.max_length}")
     cfg = _recipe(cfg, opts)
-    from pocketlm.checkpoint import checkpoint_dir
-
-    if checkpoint_dir(Path(cfg.out), "latest") is not None and not cfg.resume:
+    if RunDir(cfg.out).checkpoint("latest") is not None and not cfg.resume:
         raise UserError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
     train_rows, val_rows, test_rows, classes, notes = load_splits(cfg, opts)
     tokenizer = load_tokenizer(cfg.model)  # cheap; the weights come after every data check
@@ -141,8 +138,7 @@ def finetune_classifier(cfg, opts: ClassifyOptions, *, adapter=None) -> dict:
                           text_pair_column=opts.text_pair_column, max_length=opts.max_length,
                           separator_id=tokenizer.eos_id if opts.text_pair_column else None, pad_id=pad,
                           method=cfg.method, base=cfg.model)
-    adapter = AdapterConfig.from_value(adapter if adapter is not None else getattr(cfg, "adapter", None))
-    model, tokenizer, inner, trainable = _build_model(cfg, cfg.method, len(classes), adapter)
+    model, tokenizer, inner, trainable = _build_model(cfg, cfg.method, len(classes), cfg.adapter)
     precision = None if cfg.precision == "auto" else cfg.precision
     source = ClassificationBatchSource(encoded["train"].ids, label_ids(train_rows, classes), seed=cfg.seed,
                                        pad_id=pad, max_length=opts.max_length, tokenizer_identity=tokenizer.identity,
@@ -154,9 +150,7 @@ def finetune_classifier(cfg, opts: ClassifyOptions, *, adapter=None) -> dict:
                       batch_source=source, metric=metric, extra_summary=extra).train()
     if test_rows:
         summary.update(_score_test(cfg.out, test_rows, classes))
-        from pocketlm.atomic import atomic_write_json
-
-        atomic_write_json(Path(cfg.out) / "summary.json", summary)
+        RunDir(cfg.out).write_summary(summary)
     return summary
 
 

@@ -11,7 +11,7 @@ import json
 
 from pocketlm.cli.common import HelpFormatter
 from pocketlm.errors import UserError
-from pocketlm.names import METHODS
+from pocketlm.names import CLASSIFY_METHODS, METHODS
 from pocketlm.recipe import add_adapter_arguments, add_train_arguments, config_from_args
 
 
@@ -24,8 +24,22 @@ def register(subparsers) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--base", help="the model to start from (default: the recipe's `model`)")
-    p.add_argument("--method", choices=METHODS, default=None,
-                   help="full fine-tuning, LoRA or QLoRA (default: the recipe's, else full)")
+    p.add_argument("--method", choices=CLASSIFY_METHODS, default=None,
+                   help="full fine-tuning, LoRA or QLoRA; head (classify only: the base frozen) (default: the "
+                        "recipe's, else full)")
+    p.add_argument("--task", choices=("lm", "classify"), default="lm",
+                   help="lm: next-token prediction on a prepared data set; classify: a classification head on "
+                        "labelled rows (--data FILE, see docs/classification.md)")
+    cls = p.add_argument_group("classification (--task classify)")
+    cls.add_argument("--text-column", default="text", help="column of the text")
+    cls.add_argument("--text-pair-column", default=None, help="column of a second text (pairs, e.g. paraphrase)")
+    cls.add_argument("--label-column", default="label", help="column of the label (integers or strings)")
+    cls.add_argument("--val-data", default=None, metavar="FILE",
+                     help="validation file; without it --data is split with --seed into train/val/test (RUN/splits/)")
+    cls.add_argument("--val-fraction", type=float, default=0.1, help="validation share of that split")
+    cls.add_argument("--test-fraction", type=float, default=0.1, help="test share of that split")
+    cls.add_argument("--max-length", type=int, default=256, help="tokens per row; longer texts are cut and counted")
+    cls.add_argument("--batch-size", type=int, default=16, help="rows per optimizer step (micro-batches of --micro-batch)")
     add_adapter_arguments(p)
     search = p.add_argument_group("learning-rate search")
     search.add_argument("--lr-search", metavar="LR,LR,...", default=None,
@@ -48,6 +62,10 @@ def run(args: argparse.Namespace) -> None:
     if not args.base and not args.config:
         raise UserError("no base model: pass --base NAME_OR_PATH (e.g. smollm2-135m, a model folder or a .gguf file)")
     cfg = config_from_args(args, model=args.base)
+    if args.task == "classify":
+        return _classify(args, cfg)
+    if args.method == "head":
+        raise UserError("--method head trains a classifier's head on a frozen base: add --task classify")
     cfg.method = args.method or (cfg.method if cfg.method in METHODS else "full")
     qat = None
     if args.qat is not None:
@@ -61,3 +79,22 @@ def run(args: argparse.Namespace) -> None:
     keys = ("method", "steps", "best_val_loss", "final_train_loss", "tokens_per_s", "wall_s")
     print(json.dumps({k: summary.get(k) for k in keys} | ({"lr": summary["lr_search"]["best_lr"]}
                                                            if "lr_search" in summary else {})))
+
+
+def _classify(args: argparse.Namespace, cfg) -> None:
+    """`finetune --task classify`: pocketlm.classify.finetune.finetune_classifier(cfg, options)."""
+    from pocketlm.classify.finetune import ClassifyOptions, finetune_classifier
+
+    if args.qat is not None or args.lr_search:
+        raise UserError("--qat and --lr-search are for --task lm: train the classifier without them")
+    if not cfg.data:
+        raise UserError("no training data: pass --data FILE (a labelled CSV, TSV or JSONL file)")
+    cfg.method = args.method or (cfg.method if cfg.method in CLASSIFY_METHODS else "full")
+    opts = ClassifyOptions(text_column=args.text_column, label_column=args.label_column,
+                           text_pair_column=args.text_pair_column, val_data=args.val_data,
+                           val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                           max_length=args.max_length, batch_size=args.batch_size)
+    summary = finetune_classifier(cfg, opts)
+    keys = ("method", "steps", "best_val_accuracy", "best_step", "test_accuracy", "trainable_params",
+            "final_train_loss", "wall_s")
+    print(json.dumps({k: summary.get(k) for k in keys if k in summary}))
