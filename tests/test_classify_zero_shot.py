@@ -106,3 +106,13 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, sst_rows, tiny_model, cap
 
 def test_shared_data_path_exists(shared_data):
     assert Path(shared_data / "quora" / "quora-dev.csv").is_file()
+
+
+def test_typed_backslash_n_in_a_template_is_a_newline_and_samples_keep_all_classes():
+    from pocketlm.classify.data import Row
+    from pocketlm.eval.zero_shot import probe_classes
+
+    assert get_probe("custom", "Review:{text}\\nSentiment:").template == "Review:{text}\nSentiment:"
+    rows = [Row("a", 0), Row("b", 4), Row("c", 2)]  # a sample of SST-5 without classes 1 and 3
+    assert probe_classes(get_probe("sentiment"), rows) == [0, 1, 2, 3, 4]
+    assert probe_classes(get_probe("sentiment"), [Row("a", 1), Row("b", 0)]) == [0, 1]

@@ -18,7 +18,8 @@ from pocketlm.recipe import add_adapter_arguments, add_train_arguments, config_f
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune a pretrained base (full, LoRA or QLoRA)",
-        description="Fine-tune a base model on a prepared data set through the same training loop as "
+        description="Fine-tune a base model on a prepared data set (or, with --task classify, train a "
+                    "classifier on a labelled CSV/TSV/JSONL file) through the same training loop as "
                     "pretraining. BASE: a built-in base (smollm2-135m), a model folder, a run directory, a "
                     ".gguf file or a Hub id in the Hugging Face cache. Flags override the --config recipe.",
         formatter_class=HelpFormatter,

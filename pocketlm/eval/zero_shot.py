@@ -44,6 +44,10 @@ PROBES = {
 
 
 def get_probe(name: str, template: str | None = None, verbalizers: list[str] | None = None) -> Probe:
+    """A built-in probe (its template/words replaced by any given), or `custom` with a template. A typed
+    \\n or \\t in a template (as a shell passes it) is a newline or tab."""
+    if template:
+        template = template.replace("\\n", "\n").replace("\\t", "\t")
     if name == "custom":
         if not template:
             raise UserError("--zero-shot custom needs --template, e.g. 'Review:{text}\\nSentiment:'")
