@@ -1,13 +1,52 @@
-"""The synthetic-data recipe of docs/synth.md at tiny scale: teacher -> synth (validators, dedupe) -> prepare
--> students with and without the synthetic data -> loss on real held-out greentext."""
+"""The synthetic-data recipe of docs/synth.md at tiny scale: `pocketlm serve` a teacher -> synth (validators,
+dedupe, concurrent requests) -> prepare -> students with and without the synthetic data -> loss on real
+held-out greentext."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import torch
 
 from pocketlm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def served(model_dir: Path):
+    """`pocketlm serve MODEL --port P` in a subprocess, until GET /health answers 200."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "pocketlm", "serve", str(model_dir), "--port", str(port),
+                             "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "pocketlm serve did not become healthy"
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stderr.close()
 
 
 def split_greentext(shared_data, tmp_path, n_train: int, n_heldout: int):
@@ -32,11 +71,13 @@ def test_tiny_recipe_runs_end_to_end(shared_data, tmp_path, capsys, one_thread):
         "template: \"{examples}\\n\\n\"\n"
         "examples:\n  corpus: train.jsonl\n  k: 1\n  max_chars: 300\n")
     synth = tmp_path / "synth.jsonl"
-    main(["synth", "--teacher", str(teacher), "--prompts", str(tmp_path / "template.yaml"), "--samples", "24",
-          "--out", str(synth), "--sample-prefix", ">be me\\n>", "--max-new-tokens", "12", "--validate", "greentext",
-          "--dedupe", "minhash", "--dedupe-against", str(tmp_path / "heldout.jsonl"), "--device", "cpu",
-          "--quiet", "--json"])
+    with served(teacher) as url:
+        main(["synth", "--teacher", url, "--prompts", str(tmp_path / "template.yaml"), "--samples", "24",
+              "--out", str(synth), "--sample-prefix", ">be me\\n>", "--max-new-tokens", "12", "--validate",
+              "greentext", "--dedupe", "minhash", "--dedupe-against", str(tmp_path / "heldout.jsonl"),
+              "--concurrency", "4", "--quiet", "--json"])
     report = json.loads(capsys.readouterr().out)
+    assert report["teacher"] == url and report["concurrency"] == 4
     records = [json.loads(line) for line in synth.read_text().splitlines()]
     assert report["records"] == len(records) == 24
     assert 0 < report["kept"] and report["kept"] + sum(report["dropped"].values()) == 24

@@ -5,7 +5,7 @@
   The client retries connection errors, timeouts, 429 and 5xx with exponential backoff (`--retries`);
   any other 4xx is the caller's mistake and stops the run with a one-line error.
 - `LocalTeacher`: a model SOURCE that pocketlm loads in this process and samples with
-  `pocketlm.generate` (one request at a time; `--chat` wraps the prompt in ChatML where the tokenizer has it).
+  `pocketlm.generate` (one request at a time; `--chat` applies the tokenizer's chat template, as `pocketlm serve` does).
 """
 
 from __future__ import annotations
@@ -139,9 +139,6 @@ def _error_message(exc) -> str:
     return str(exc).splitlines()[0][:200]
 
 
-CHATML = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-
-
 class LocalTeacher(Teacher):
     """A model SOURCE loaded in this process; requests run one at a time."""
 
@@ -160,19 +157,28 @@ class LocalTeacher(Teacher):
 
         self.model, self.tokenizer = load_for_inference(self.source, self.device, self.adapter)
 
-    def _chat_prompt(self, prompt: str) -> str:
-        if self.tokenizer.backend.token_to_id("<|im_start|>") is None:
-            raise UserError(f"--chat needs a chat template, and {self.source}'s tokenizer has no ChatML tokens: "
-                            "drop --chat, or serve the model with a template and pass its URL as --teacher")
-        return CHATML.format(prompt=prompt)
+    def _chat_prompt(self, prompt: str) -> tuple[str, list[str]]:
+        """The prompt in the tokenizer's chat template, and the texts that end the assistant's turn."""
+        from pocketlm.serve.chat import end_of_turn_ids, render
+        from pocketlm.serve.schemas import APIError
+
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise UserError(f"--chat needs a chat template, and {self.source}'s tokenizer has none: drop --chat, "
+                            "or serve the model with `pocketlm serve SOURCE --chat-template FILE` and pass its URL")
+        try:
+            text = render(template, [{"role": "user", "content": prompt}], self.tokenizer)
+        except APIError as exc:
+            raise UserError(f"{self.source}'s chat template refused the prompt: {exc.message}") from None
+        return text, [self.tokenizer.decode([i]) for i in sorted(end_of_turn_ids(template, self.tokenizer))]
 
     async def complete(self, prompt: str, sampling: Sampling, seed: int) -> Completion:
         from pocketlm.generate import SamplingSettings, run_generation
 
         stop = list(sampling.stop)
         if sampling.chat:
-            prompt = self._chat_prompt(prompt)
-            stop.append("<|im_end|>")
+            prompt, ends = self._chat_prompt(prompt)
+            stop += ends
         settings = SamplingSettings(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                                     top_p=sampling.top_p, stop=stop, seed=seed)
         result = run_generation(self.model, self.tokenizer, prompt, settings)
