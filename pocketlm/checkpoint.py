@@ -29,11 +29,29 @@ def write_model_files(model: GPT, tokenizer: Tokenizer | None, directory: Path, 
     save_file(hf.to_hf_state_dict(state, config), str(directory / "model.safetensors"), metadata={"format": "pt"})
     dtype = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(hf.to_hf_config(config, dtype), indent=2) + "\n")
-    info = {"format": "pocketlm.model.v1", **(metadata or {})}
+    info = {"format": MODEL_FORMAT, **(metadata or {})}
     if tokenizer is not None:
         tokenizer.save(directory)
         info["tokenizer"] = tokenizer.describe()
     (directory / "pocketlm.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+MODEL_FORMAT = "pocketlm.model.v1"
+
+
+def check_model_info(folder: Path) -> None:
+    """A model folder's pocketlm.json (optional: plain Hugging Face folders have none) must be a version this
+    pocketlm reads."""
+    from pocketlm.versions import check_format
+
+    path = folder / "pocketlm.json"
+    if not path.is_file():
+        return
+    info = read_json_file(path, "model metadata")
+    if not isinstance(info, dict):
+        raise UserError(f"model metadata {path} is not a JSON object: restore the model folder")
+    check_format(info.get("format", MODEL_FORMAT), MODEL_FORMAT, path, "a pocketlm model folder",
+                 "export the model again")
 
 
 def save_model(model: GPT, tokenizer: Tokenizer | None, directory: str | Path, metadata: dict | None = None) -> Path:
@@ -101,6 +119,7 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu",
     config_path = folder / "config.json"
     if not config_path.exists():
         raise UserError(f"{folder} is not a model folder: config.json is missing")
+    check_model_info(folder)
     tokenizer = load_tokenizer(folder) if _has_tokenizer(folder) else None
     raw_config = read_json_file(config_path, "model config")
     if not isinstance(raw_config, dict):

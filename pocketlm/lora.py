@@ -47,6 +47,7 @@ ADAPTER_DIR = "adapter"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 SIDECAR_FILE = "pocketlm_adapter.json"
+ADAPTER_FORMAT = "pocketlm.adapter.v1"
 _PREFIX = "base_model.model."
 
 
@@ -306,7 +307,7 @@ def write_adapter_files(model: nn.Module, folder: Path, base: str | None = None)
     quantized = any(isinstance(m.base_layer, NF4Linear) for m in lora_modules(model).values())
     save_file(adapter_state_dict(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    sidecar = {"format": "pocketlm.adapter.v1", "method": "qlora" if quantized else meta.get("method", "lora"),
+    sidecar = {"format": ADAPTER_FORMAT, "method": "qlora" if quantized else meta.get("method", "lora"),
                "targets": list(lora_modules(model)), "family": model.config.family}
     if quantized:
         sidecar["quantization"] = {"type": "nf4", "block_size": BLOCK_SIZE}
@@ -365,11 +366,18 @@ def read_adapter_config(folder: str | Path) -> dict:
 
 
 def _read_sidecar(folder: Path) -> dict:
+    from pocketlm.versions import check_format
+
     path = folder / SIDECAR_FILE
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}): re-save the adapter") from exc
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}): re-save the adapter") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object: re-save the adapter")
+    if "format" in data:
+        check_format(data["format"], ADAPTER_FORMAT, path, "a pocketlm adapter sidecar", "re-save the adapter")
+    return data
 
 
 def _read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -47,6 +47,14 @@ class ClassifierInfo:
 
     @classmethod
     def from_dict(cls, data: dict) -> ClassifierInfo:
+        from pocketlm.versions import check_format
+
+        if not isinstance(data, dict):
+            raise UserError(f"classifier metadata is a JSON {type(data).__name__}, not an object: save the "
+                            "classifier again")
+        if "format" in data:
+            check_format(data["format"], FORMAT, INFO_FILE, "pocketlm classifier metadata",
+                         "save the classifier again")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
