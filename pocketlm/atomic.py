@@ -164,20 +164,22 @@ def clean_stale_temporaries(folder: Path, name: str | None = None) -> list[Path]
     """
     if not folder.is_dir():
         return []
-    if name is not None:
-        final, old = folder / name, folder / f".{name}.old"
-        if old.exists() and not (final.exists() or final.is_symlink()):
-            os.replace(old, final)
     removed = []
-    for p in folder.iterdir():
+    for p in sorted(folder.iterdir()):
         if not p.name.startswith(f".{name}." if name else "."):
             continue
-        if p.name.endswith(".tmp") or p.name.endswith(".old"):
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed.append(p)
+        if p.name.endswith(".old"):
+            final = folder / p.name[1:-len(".old")]
+            if not (final.exists() or final.is_symlink()):
+                os.replace(p, final)
+                continue
+        elif not p.name.endswith(".tmp"):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
     return removed
 
 

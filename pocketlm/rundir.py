@@ -20,15 +20,18 @@ No torch import at module level: the CLI and the demo read runs without it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
 
-from pocketlm.atomic import AtomicDir, atomic_write_json, atomic_write_text
+from pocketlm.atomic import AtomicDir, atomic_write_json, atomic_write_text, clean_stale_temporaries
 from pocketlm.errors import UserError
+from pocketlm.versions import check_format
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -42,6 +45,8 @@ SPLITS = "splits"
 TRAINER_STATE_JSON = "trainer_state.json"  # step, data position, best metric, patience
 TRAINER_STATE_PT = "trainer_state.pt"  # optimizer and RNG state (torch.load with weights_only=True)
 POINTERS = ("latest", "best")
+LOCK = ".lock"  # held (fcntl.flock) by the one process training in RUN; the kernel drops it when that dies
+TRAINER_STATE_FORMAT = "pocketlm.trainer_state.v1"
 
 
 def step_name(step: int) -> str:
@@ -171,16 +176,86 @@ class RunDir:
         pointer = self.checkpoints_dir / which
         if not pointer.is_file():
             return None
-        step = self.checkpoints_dir / pointer.read_text().strip()
+        try:
+            name = pointer.read_text(errors="replace").strip()
+        except OSError:
+            return None
+        if not name.startswith("step-") or Path(name).name != name:  # empty or damaged: names nothing
+            return None
+        step = self.checkpoints_dir / name
         return step if step.is_dir() else None
 
     def best_or_latest(self) -> Path:
-        """The checkpoint a loader wants: best, else latest; a UserError when the run has none."""
-        step = self.checkpoint("best") or self.checkpoint("latest")
+        """The checkpoint a loader wants: best, else latest, else (pointers lost or damaged) the newest
+        complete step folder; a UserError when the run has none."""
+        step = self.checkpoint("best") or self.checkpoint("latest") or self.newest_complete_step()
         if step is None:
+            if self.step_folders():
+                raise UserError(f"run {self.path} has step folders but none is a complete checkpoint (a crash "
+                                "while saving?): resume the run with --resume, or restore them")
             raise UserError(f"run {self.path} has no checkpoint yet: train it first "
                             f"(pocketlm pretrain|finetune --out {self.path})")
         return step
+
+    def step_folders(self) -> list[Path]:
+        """RUN/checkpoints/step-* folders, oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.glob("step-*") if p.is_dir())
+
+    def has_checkpoints(self) -> bool:
+        """Any trace of a checkpoint: a step folder or a pointer (even one naming nothing)."""
+        return bool(self.step_folders()) or any((self.checkpoints_dir / p).exists() for p in POINTERS)
+
+    def newest_complete_step(self) -> Path | None:
+        """The newest step folder whose trainer state reads back (AtomicDir renames only whole folders,
+        so this fails only for folders damaged after the fact)."""
+        for step in reversed(self.step_folders()):
+            try:
+                step_state(step)
+            except UserError:
+                continue
+            if (step / TRAINER_STATE_PT).is_file():
+                return step
+        return None
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint a resume continues from: `latest`, or, when that pointer is missing, empty,
+        damaged or names a folder that is gone, the newest complete step folder (never step 0 while
+        checkpoints exist: that would overwrite them)."""
+        return self.checkpoint("latest") or self.newest_complete_step()
+
+    # -- a run trains in one process at a time ------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold RUN/.lock while training: a second training of the same RUN is refused in one line. The
+        lock is the kernel's (fcntl.flock), so a killed process never leaves a stale one."""
+        if not self.is_main:
+            yield
+            return
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise UserError(f"another pocketlm process (pid {holder}) is training in {self.path}: wait for it "
+                                "to finish (or stop it), or choose another --out") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    def clean_temporaries(self) -> list[Path]:
+        """Remove what killed processes left: `.step-*.tmp` folders, `.latest.*.tmp` files and the like
+        (a `.NAME.old` whose NAME is missing is put back instead)."""
+        if not self.is_main:
+            return []
+        return clean_stale_temporaries(self.checkpoints_dir) + clean_stale_temporaries(self.path)
 
     def save_checkpoint(self, step: int, write_weights: Callable[[Path], None], trainer_state: dict,
                         torch_state: dict, *, is_best: bool, keep: int) -> Path | None:
@@ -197,7 +272,8 @@ class RunDir:
         with AtomicDir(final) as tmp:
             write_weights(tmp)
             torch.save(torch_state, tmp / TRAINER_STATE_PT)
-            (tmp / TRAINER_STATE_JSON).write_text(json.dumps(trainer_state, indent=2) + "\n")
+            record = {"format": TRAINER_STATE_FORMAT, **trainer_state}
+            (tmp / TRAINER_STATE_JSON).write_text(json.dumps(record, indent=2) + "\n")
         atomic_write_text(self.checkpoints_dir / "latest", final.name)
         if is_best:
             atomic_write_text(self.checkpoints_dir / "best", final.name)
@@ -207,25 +283,57 @@ class RunDir:
     @staticmethod
     def read_trainer_state(step_dir: Path) -> tuple[dict, dict]:
         """(trainer_state.json, trainer_state.pt) of a step folder; the .pt with weights_only=True."""
+        import pickle
+
         import torch
 
         state = step_state(step_dir)
-        saved = torch.load(step_dir / TRAINER_STATE_PT, map_location="cpu", weights_only=True)
+        path = step_dir / TRAINER_STATE_PT
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+            raise UserError(f"checkpoint {step_dir} is damaged: {TRAINER_STATE_PT} does not load "
+                            f"({str(exc).splitlines()[0][:100]}): {_DAMAGED_HINT}") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"checkpoint {step_dir} is damaged: {TRAINER_STATE_PT} holds no state: {_DAMAGED_HINT}")
         return state, saved
 
     def prune(self, keep: int) -> None:
         """Keep the `keep` most recent step folders, and whatever `latest` and `best` name."""
         ckpts = self.checkpoints_dir
-        protected = {(ckpts / p).read_text().strip() for p in POINTERS if (ckpts / p).is_file()}
+        protected = {step.name for step in (self.checkpoint(p) for p in POINTERS) if step is not None}
         steps = sorted(p.name for p in ckpts.glob("step-*") if p.is_dir())
         for name in steps[: max(0, len(steps) - keep)]:
             if name not in protected:
                 shutil.rmtree(ckpts / name, ignore_errors=True)
 
 
+def damaged(step_dir: Path, what: str) -> UserError:
+    return UserError(f"checkpoint {step_dir} is damaged: {what}: {_DAMAGED_HINT}")
+
+
+_DAMAGED_HINT = ("delete that step folder to resume from the one before it (`latest` falls back to the newest "
+                 "complete checkpoint), or start a new run")
+
+
 def step_state(step_dir: str | Path) -> dict:
-    """A checkpoint's trainer_state.json (step, data position, best metric, patience); no torch needed."""
-    return json.loads((Path(step_dir) / TRAINER_STATE_JSON).read_text())
+    """A checkpoint's trainer_state.json (step, data position, best metric, patience); no torch needed.
+    A damaged, foreign or newer file is a one-line UserError naming the step folder."""
+    step_dir = Path(step_dir)
+    path = step_dir / TRAINER_STATE_JSON
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"checkpoint {step_dir} is damaged: {TRAINER_STATE_JSON} is not complete JSON "
+                        f"({str(exc).splitlines()[0][:80]}): {_DAMAGED_HINT}") from None
+    except OSError as exc:
+        raise UserError(f"checkpoint {step_dir} is damaged: cannot read {TRAINER_STATE_JSON} "
+                        f"({exc.strerror or exc}): {_DAMAGED_HINT}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"checkpoint {step_dir} is damaged: {TRAINER_STATE_JSON} has no step: {_DAMAGED_HINT}")
+    check_format(state.pop("format", TRAINER_STATE_FORMAT), TRAINER_STATE_FORMAT, path, "a pocketlm trainer state",
+                 "resume it with the pocketlm that wrote it")
+    return state
 
 
 def run_of_step(step_dir: str | Path) -> RunDir | None:

@@ -9,6 +9,7 @@ loss after a resume equals the loss an uninterrupted run computes at that step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
@@ -49,7 +50,7 @@ from pocketlm.recipe import (
     config_from_args,
     load_recipe,
 )
-from pocketlm.rundir import RunDir
+from pocketlm.rundir import RunDir, damaged
 from pocketlm.tokenizer import Tokenizer, check_same_tokenizer
 
 __all__ = ["TrainConfig", "Trainer", "train", "load_recipe", "add_train_arguments", "config_from_args",
@@ -193,15 +194,35 @@ class Trainer:
         self.precision = default_precision(self.device) if self.cfg.precision == "auto" else self.cfg.precision
         self.run = RunDir(self.cfg.out, self.dist.is_main)
         self._setup_data()
-        latest = self.run.checkpoint("latest")
-        if latest is not None and not self.cfg.resume:
+        self._lock = contextlib.ExitStack()
+        try:
+            self._lock.enter_context(self.run.lock())  # released in cleanup(), or right here on failure
+            self._setup_run()
+        except BaseException:
+            self._lock.close()
+            raise
+        self.loggers = MetricLoggers(self.run, tensorboard=self.cfg.tensorboard,
+                                     wandb_project=self.cfg.wandb_project, config=self.cfg.to_dict())
+        self.start_step = self.state["step"]
+        self.tokens_this_session = 0
+        self.last_train_loss = float("nan")
+        self.t_start = time.perf_counter()
+        self._ready = True
+
+    def _setup_run(self) -> None:
+        """Resume (or refuse to start over a run), then the model and optimizer. config.yaml and
+        metrics.jsonl are written only once the checkpoint has loaded: a failed resume changes nothing."""
+        self.run.clean_temporaries()  # what a process killed mid-save left behind
+        latest = self.run.resume_point()
+        if self.run.has_checkpoints() and not self.cfg.resume:
             raise UserError(f"{self.run.path} already holds a run: pass --resume to continue it, "
                             "or choose another --out")
-        self.run.write_config(self.cfg.to_dict())
         self._setup_model()
         self.state = {"step": 0, "data_position": {}, "tokens": 0, self._best_key: None, "best_step": None,
                       "bad_evals": 0}
         saved = self._resume(latest) if self.cfg.resume else None
+        self.run.write_config(self.cfg.to_dict())
+        self.run.truncate_metrics(self.state["step"])  # rows a killed run logged after its checkpoint
         # The optimizer comes after wrapping: FSDP2 replaces the parameters with sharded ones.
         self.forward = _wrap_model(self.model, self.cfg, self.dist, self.device)
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
@@ -211,13 +232,6 @@ class Trainer:
             self.objective.setup(self)
         if self.device.type == "cpu":
             release_free_memory()  # setting up left freed copies behind: not part of training's footprint
-        self.loggers = MetricLoggers(self.run, tensorboard=self.cfg.tensorboard,
-                                     wandb_project=self.cfg.wandb_project, config=self.cfg.to_dict())
-        self.start_step = self.state["step"]
-        self.tokens_this_session = 0
-        self.last_train_loss = float("nan")
-        self.t_start = time.perf_counter()
-        self._ready = True
 
     @property
     def _best_key(self) -> str:
@@ -261,11 +275,12 @@ class Trainer:
             if self.dist.is_main:
                 print(f"no checkpoint in {self.run.path} yet: starting from step 0", file=sys.stderr)
             return None
+        state, saved = self.run.read_trainer_state(latest)  # damaged: one line, before anything changes
+        if not {"optimizer", "rng"} <= set(saved):
+            raise damaged(latest, "trainer_state.pt lacks the optimizer or RNG state")
         self.saver.load(self.model, latest)
-        state, saved = self.run.read_trainer_state(latest)
         _set_rng_state(saved["rng"])
         self.state = state
-        self.run.truncate_metrics(state["step"])
         if self.dist.is_main:
             print(f"resuming {self.run.path} from step {state['step']}", file=sys.stderr)
         return saved
@@ -296,11 +311,14 @@ class Trainer:
                     loss = self.objective.loss(self.forward, batch)
                 (loss / accum).backward()
             loss_sum += loss.detach()
+        train_loss = all_reduce_mean(loss_sum / accum, self.dist).item()
+        if not math.isfinite(train_loss):  # before the update: the weights in memory stay the last good ones
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged("training loss", train_loss, step + 1)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        train_loss = all_reduce_mean(loss_sum / accum, self.dist).item()
         elapsed = time.perf_counter() - t0
         state["data_position"][key] = state["data_position"].get(key, 0) + per_step
         state["tokens"] += per_step * context
@@ -310,6 +328,13 @@ class Trainer:
         return {"step": step + 1, "tokens": state["tokens"], "train_loss": round(train_loss, 6), "lr": lr,
                 "tokens_per_s": round(per_step * context / elapsed, 1),
                 "memory_bytes": peak_memory_bytes(self.device), "context": context}
+
+    def _diverged(self, what: str, value: float, step: int) -> UserError:
+        kept = self.run.resume_point()
+        where = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint was written"
+        return UserError(f"the {what} became {value} at step {step}: training stopped without saving it, and "
+                         f"{where}: lower --lr, raise --warmup-steps or keep --grad-clip on, then --resume "
+                         "or start a new run")
 
     # -- evaluation, samples, checkpoints -----------------------------------------------------------
     def evaluate(self) -> dict:
@@ -388,6 +413,9 @@ class Trainer:
         is_best = False
         if evaluate:
             values = self.evaluate()
+            value = values.get(self.metric.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise self._diverged(self.metric.name, value, done)
             is_best = self.record_evaluation(values)
             info.update({k: round(v, 6) if isinstance(v, float) else v for k, v in values.items()})
         if cfg.sample_every and done % cfg.sample_every == 0 and (self.dist.is_main or is_sharded(self.model)):
@@ -419,9 +447,11 @@ class Trainer:
         }
 
     def cleanup(self) -> None:
-        """Close the metric loggers (TensorBoard, W&B); safe to call twice."""
+        """Close the metric loggers (TensorBoard, W&B) and release the run directory; safe to call twice."""
         if getattr(self, "loggers", None) is not None:
             self.loggers.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
 
 
 def train(model: GPT, tokenizer: Tokenizer, cfg: TrainConfig, *, saver: WeightSaver | None = None,
