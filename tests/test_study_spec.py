@@ -125,3 +125,22 @@ def test_builtin_studies_parse_and_expand_full_and_quick(shared_data, monkeypatc
         full, quick = expand(load_study(name)), expand(load_study(name, quick=True))
         assert quick and len(quick) <= len(full)
         assert all(c.knobs["max_steps"] <= 40 for c in quick if c.knobs["method"] != "none")
+
+
+def test_only_selects_cells_and_brings_their_starting_cells(write):
+    from pocketlm.study.runner import plan
+
+    path = write("""\
+        axes:
+          stage:
+            - {name: scratch, method: pretrain}
+            - {name: mid, method: full, base: "cell:scratch"}
+            - {name: top, method: lora, base: "cell:mid"}
+            - {name: other, method: pretrain, lr: 3e-4}
+        measures: [val_loss]
+        """)
+    study = load_study(str(path))
+    assert [c.id for c in plan(study, ["top"])] == ["scratch", "mid", "top"]
+    assert [c.id for c in plan(study, ["oth*"])] == ["other"]
+    with pytest.raises(UserError, match="--only nothing matches no cell"):
+        plan(study, ["nothing"])

@@ -32,7 +32,7 @@ def describe(knobs: bool = False) -> str:
     if knobs:
         lines += ["", "knobs (axes or base recipe keys):"]
         K.post_training()
-        for k in K.KNOBS.values():
+        for k in [K.knob("method"), *K.KNOBS.values()]:
             lines.append(f"  {k.name:<24} {k.kind:<6} {k.help}")
         for k, _, _ in K.POST_TRAINING.values():
             lines.append(f"  {k.name:<24} {k.kind:<6} {k.help}")

@@ -81,8 +81,12 @@ class LocalExecutor:
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         self.ctx = multiprocessing.get_context(method)
         if method == "forkserver":
+            # Everything a cell imports, imported once: a cell's process then starts in milliseconds.
             self.ctx.set_forkserver_preload(["torch", "pocketlm.study.cell", "pocketlm.study.measure_run",
-                                             "pocketlm.train", "pocketlm.finetune"])
+                                             "pocketlm.train", "pocketlm.finetune", "pocketlm.lora",
+                                             "pocketlm.data.prepare", "pocketlm.generate",
+                                             "pocketlm.eval.likelihood", "pocketlm.eval.generation_eval",
+                                             "pocketlm.eval.multiple_choice", "pocketlm.hf"])
             from multiprocessing import forkserver
 
             forkserver.ensure_running()  # torch imports once, here, not in the first cell's time

@@ -26,10 +26,13 @@ def plan(study: Study, only: list[str] | None = None) -> list[Cell]:
     cells = expand(study)
     chosen = select(cells, only)
     ids = {c.id for c in chosen}
-    for cell in list(chosen):  # a chosen cell's starting cell runs too
-        for dep in cell.depends:
-            if dep not in ids:
-                ids.add(dep)
+    by_id = {c.id: c for c in cells}
+    pending = [d for c in chosen for d in c.depends]
+    while pending:  # a chosen cell's starting cell runs too (and its starting cell ...)
+        dep = pending.pop()
+        if dep not in ids:
+            ids.add(dep)
+            pending += by_id[dep].depends
     return [c for c in cells if c.id in ids]
 
 
