@@ -132,7 +132,7 @@ def test_cli_list_dry_run_and_one_line_errors(tmp_path, tiny_text, shared_data):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("pocketlm study: error: ") and "line 18, axes.rank[1]" in last
+    assert last.startswith("pocketlm study: error: ") and "line 17, axes.rank[1]" in last
     assert "Traceback" not in result.stderr and not (tmp_path / "never").exists()
 
 
