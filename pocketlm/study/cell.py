@@ -169,7 +169,7 @@ def train_cell(knobs: dict, data_dir: Path, run: Path) -> dict:
         done = _finished_training(run)
         if done is not None:
             return done
-    resume = RunDir(run).checkpoint("latest") is not None
+    resume = RunDir(run).has_checkpoints()  # the trainer resumes from the newest complete step
     if not resume and run.exists():  # killed before its first checkpoint: nothing to resume from
         for child in run.iterdir():
             if child.name != "cell.log":
