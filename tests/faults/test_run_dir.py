@@ -145,3 +145,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base, data, capsys, t
     assert not (run / "checkpoints" / "step-0000003").exists()
     monkeypatch.setattr(GPT, "forward", forward)
     assert_ok(run_inprocess(["generate", run, "--prompt", "a", "--max-new-tokens", "2"], capsys))
+
+
+@pytest.mark.parametrize("pointer", ["dangling", "empty"])
+def test_loaders_use_the_newest_complete_step_when_pointers_are_lost(full_run, capsys, pointer):
+    _, run = full_run
+    for name in ("latest", "best"):
+        (run / "checkpoints" / name).write_text("step-0000099" if pointer == "dangling" else "")
+    r = run_inprocess(["generate", run, "--prompt", "a", "--max-new-tokens", "2"], capsys)
+    assert_ok(r)
+    assert "no checkpoint yet" not in r.err
+
+
+def test_a_run_whose_step_folders_are_all_damaged_says_so(full_run, capsys):
+    _, run = full_run
+    for step in run.glob("checkpoints/step-*"):
+        (step / "trainer_state.json").write_text("{")
+    (run / "checkpoints" / "latest").unlink()
+    (run / "checkpoints" / "best").unlink()
+    r = run_inprocess(["generate", run, "--prompt", "a"], capsys)
+    assert_user_error(r, "generate", "none is a complete checkpoint")
