@@ -91,6 +91,23 @@ def test_minhash_near_dedupe_and_corpus_dedupe():
     assert exact_only.check("some   text") == "corpus-dedupe: copies a text of --dedupe-against"
 
 
+def test_perplexity_band(tiny_teacher, tmp_path, one_thread):
+    chain = FilterChain(FilterSettings(perplexity_min=5, perplexity_max=50), perplexity=lambda text: len(text))
+    assert chain.check("abc") == "perplexity: 3.00 < --perplexity-min 5"
+    assert chain.check("x" * 60) == "perplexity: 60.00 > --perplexity-max 50"
+    assert chain.check("x" * 20) is None
+    with pytest.raises(UserError, match="need --perplexity-model"):
+        FilterChain(FilterSettings(perplexity_max=10))
+    # A real reference model: a random gpt2-tiny finds every text about as surprising as its vocabulary.
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Once upon a time\n")
+    report = synthesize(options(tiny_teacher, prompts, tmp_path / "out.jsonl", 3, filters=FilterSettings(
+        perplexity_model=str(tiny_teacher), perplexity_max=100.0)))
+    assert report["dropped"] == {"perplexity": 3}
+    reasons = [r["reasons"][0] for r in read_records(tmp_path / "out.jsonl")]
+    assert all(r.startswith("perplexity: ") and float(r.split()[1]) > 1000 for r in reasons)
+
+
 def test_unknown_validator_and_bad_settings_are_user_errors():
     with pytest.raises(UserError, match="unknown form 'haiku'"):
         FilterChain(FilterSettings(validate="haiku"))

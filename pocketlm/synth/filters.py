@@ -104,7 +104,8 @@ class FilterChain:
         self.corpus_exact: dict[str, int] = {}
         self.corpus_near: NearDuplicates | None = None
         self.perplexity = perplexity
-        if (s.perplexity_min is not None or s.perplexity_max is not None) and perplexity is None:
+        if (s.perplexity_min is not None or s.perplexity_max is not None) and perplexity is None \
+                and s.perplexity_model is None:
             raise UserError("--perplexity-min/--perplexity-max need --perplexity-model SOURCE to score samples")
 
     def load_corpora(self, texts_by_corpus: dict[str, list[str]]) -> None:
@@ -149,9 +150,9 @@ class FilterChain:
         if self.perplexity is not None:
             ppl = self.perplexity(text)
             if s.perplexity_min is not None and ppl < s.perplexity_min:
-                return f"perplexity: {ppl:.2f} < --perplexity-min {s.perplexity_min}"
+                return f"perplexity: {ppl:.2f} < --perplexity-min {s.perplexity_min:g}"
             if s.perplexity_max is not None and ppl > s.perplexity_max:
-                return f"perplexity: {ppl:.2f} > --perplexity-max {s.perplexity_max}"
+                return f"perplexity: {ppl:.2f} > --perplexity-max {s.perplexity_max:g}"
         return None
 
     def keep(self, record_id: str, text: str) -> None:
