@@ -116,3 +116,17 @@ def test_typed_backslash_n_in_a_template_is_a_newline_and_samples_keep_all_class
     rows = [Row("a", 0), Row("b", 4), Row("c", 2)]  # a sample of SST-5 without classes 1 and 3
     assert probe_classes(get_probe("sentiment"), rows) == [0, 1, 2, 3, 4]
     assert probe_classes(get_probe("sentiment"), [Row("a", 1), Row("b", 0)]) == [0, 1]
+
+
+def test_single_token_fast_path_equals_the_multiple_choice_scorer(tiny_model, sst_rows):
+    from pocketlm.eval.multiple_choice import continuation_logprobs, encode_pair
+    from pocketlm.eval.zero_shot import single_token_logprobs
+
+    model, tok = tiny_model
+    rows = read_labelled(sst_rows, "sentence", "sentiment").rows[:12]
+    words = PROBES["sentiment"].verbalizers[5]
+    requests = [encode_pair(tok, "Review:" + r.text + "\nSentiment:", " " + w) for r in rows for w in words]
+    fast = single_token_logprobs(model, requests, 5, batch_size=4)
+    assert fast == pytest.approx(continuation_logprobs(model, requests, batch_size=4), abs=1e-4)
+    multi = [encode_pair(tok, "Q:", " not at all"), encode_pair(tok, "Q:", " yes")]
+    assert single_token_logprobs(model, multi, 2) is None  # a multi-token word: the general path

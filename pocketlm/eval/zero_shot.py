@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 from pocketlm.errors import UserError
 
 
@@ -97,6 +99,43 @@ def class_words(probe: Probe, classes: list) -> list[str]:
     return [w.strip() for w in words]
 
 
+@torch.no_grad()
+def single_token_logprobs(model, requests: list[tuple[list[int], list[int]]], k: int, *, batch_size: int = 16,
+                          context: int | None = None, precision: str | None = None) -> list[float] | None:
+    """continuation_logprobs for the common case of one-token words after a shared prompt: one forward
+    pass per prompt (not per word) and the vocabulary projection at its last position only. None when
+    some word is several tokens or the k requests of a prompt differ in context (then the general path
+    runs). `requests` are k consecutive requests per prompt."""
+    from pocketlm.classify.model import hidden_states, pad_batch
+    from pocketlm.eval.likelihood import _autocast, _model_device, model_context
+
+    groups = [requests[i:i + k] for i in range(0, len(requests), k)]
+    if any(len(cont) != 1 or ctx != g[0][0] for g in groups for ctx, cont in g) or not hasattr(model, "transformer"):
+        return None
+    max_len = model_context(model, context)
+    prompts = [g[0][0][-max_len:] for g in groups]  # cut from the left, as the general path cuts
+    device = _model_device(model)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [0.0] * len(requests)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            ids, mask = pad_batch([prompts[i] for i in rows], 0, device=device)
+            with _autocast(device, precision):
+                hidden = hidden_states(model, ids)
+                last = hidden[torch.arange(len(rows), device=device), mask.sum(1) - 1]
+                logits = model.lm_head(last)[..., : model.config.vocab_size]
+            logprobs = logits.float().log_softmax(-1).cpu()
+            for r, i in enumerate(rows):
+                for j, (_, cont) in enumerate(groups[i]):
+                    out[i * k + j] = float(logprobs[r, cont[0]])
+    finally:
+        model.train(was_training)
+    return out
+
+
 def evaluate_zero_shot(model, tokenizer, rows, probe: Probe, *, batch_size: int = 16, context: int | None = None,
                        precision: str | None = None) -> dict:
     """accuracy, accuracy_calibrated, majority_accuracy, macro_f1 and per-row details of a probe on
@@ -113,7 +152,10 @@ def evaluate_zero_shot(model, tokenizer, rows, probe: Probe, *, batch_size: int 
     prompts = [probe.template.format(text=r.text, text_pair=r.text_pair or "") for r in rows]
     prompts.append(probe.template.format(text="N/A", text_pair="N/A"))  # content-free, for calibration
     requests = [encode_pair(tokenizer, p, " " + w) for p in prompts for w in words]
-    scores = continuation_logprobs(model, requests, batch_size=batch_size, context=context, precision=precision)
+    fast = single_token_logprobs(model, requests, len(words), batch_size=batch_size, context=context,
+                                 precision=precision)
+    scores = fast if fast is not None else continuation_logprobs(model, requests, batch_size=batch_size,
+                                                                 context=context, precision=precision)
     k = len(words)
     table = [scores[i * k:(i + 1) * k] for i in range(len(prompts))]
     prior = table.pop()
