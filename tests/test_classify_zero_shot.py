@@ -130,3 +130,17 @@ def test_single_token_fast_path_equals_the_multiple_choice_scorer(tiny_model, ss
     assert fast == pytest.approx(continuation_logprobs(model, requests, batch_size=4), abs=1e-4)
     multi = [encode_pair(tok, "Q:", " not at all"), encode_pair(tok, "Q:", " yes")]
     assert single_token_logprobs(model, multi, 2) is None  # a multi-token word: the general path
+
+
+def test_zero_shot_is_a_forgetting_probe_with_baseline(tmp_path, sst_rows, tiny_model):
+    model, tok = tiny_model
+    base = save_model(model, tok, tmp_path / "base")
+    torch.manual_seed(5)
+    other = save_model(GPT(get_config("gpt2-tiny")), tok, tmp_path / "other")
+    out = tmp_path / "f.json"
+    main(["eval", str(other), "--baseline", str(base), "--zero-shot", "sentiment", str(sst_rows), "--json", str(out)])
+    report = json.loads(out.read_text())
+    before = evaluate_zero_shot(model, tok, read_labelled(sst_rows, "sentence", "sentiment").rows,
+                                get_probe("sentiment"))
+    assert report["forgetting"]["accuracy"]["before"] == pytest.approx(before["accuracy"])
+    assert report["forgetting"]["accuracy"]["after"] == pytest.approx(report["accuracy"])
