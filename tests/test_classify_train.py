@@ -65,9 +65,9 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method", ["head", "full", "lora"])
+@pytest.mark.parametrize("method", ["head", "full", "lora", "qlora"])
 def test_each_method_learns_and_accuracy_picks_the_best_checkpoint(base, files, tmp_path, method):
-    lr = {"head": "3e-2", "full": "3e-3", "lora": "1e-2"}[method]
+    lr = {"head": "3e-2", "full": "3e-3", "lora": "1e-2", "qlora": "1e-2"}[method]
     main(["finetune", "--task", "classify", "--base", str(base), "--data", str(files["train"]),
           "--val-data", str(files["dev"]), "--text-column", "sentence", "--label-column", "sentiment",
           "--out", str(tmp_path / "run"), *_flags(method, steps=60, lr=lr)])
