@@ -321,8 +321,13 @@ def test_errors_have_openai_shape_and_status(server, client):
     assert server.lines and all(" 400 " in line or " 404 " in line or " 200 " in line for line in server.lines)
 
 
-def test_api_key_is_required_on_v1_but_not_health(model, tok):
-    srv = start(model, tok, model_name="tiny", api_key="s3cret", log=lambda _line: None)
+def test_api_key_is_required_on_v1_but_not_health_and_cors_only_when_allowed(model, tok, server):
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    status, _, _ = _http("OPTIONS", server.url + "/v1/completions", headers=preflight)
+    assert status != 200  # no --allow-origin: browsers get no permission
+    srv = start(model, tok, model_name="tiny", api_key="s3cret", allow_origins=["http://localhost:3000"],
+                log=lambda _line: None)
     try:
         url = srv.url + "/v1"
         for key in ("wrong", None):
@@ -334,6 +339,7 @@ def test_api_key_is_required_on_v1_but_not_health(model, tok):
         ok = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
         assert [m.id for m in ok.models.list().data] == ["tiny"]
         assert _http("GET", srv.url + "/health")[0] == 200
+        assert _http("OPTIONS", srv.url + "/v1/completions", headers=preflight)[0] == 200
     finally:
         srv.stop()
 

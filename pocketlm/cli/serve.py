@@ -28,6 +28,9 @@ def register(subparsers) -> None:
                         "prompts sooner, smaller keeps running streams smoother")
     p.add_argument("--default-max-tokens", type=int, default=512,
                    help="chat completion length when a request gives no max_tokens (default 512)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
+                        "browser (CORS); repeatable; default: none")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=run)
 
@@ -37,4 +40,5 @@ def run(args: argparse.Namespace) -> None:
 
     serve(args.source, adapter=args.adapter, host=args.host, port=args.port, api_key=args.api_key,
           model_name=args.model_name, chat_template=args.chat_template, max_batch=args.max_batch,
-          prefill_chunk=args.prefill_chunk, default_chat_tokens=args.default_max_tokens, device=args.device)
+          prefill_chunk=args.prefill_chunk, default_chat_tokens=args.default_max_tokens, device=args.device,
+          allow_origins=args.allow_origin)

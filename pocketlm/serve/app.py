@@ -32,8 +32,10 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, chat_template: str | None = None,
-               default_chat_tokens: int = 512, log: Callable[[str], None] | None = None) -> FastAPI:
-    """The ASGI app serving `engine`'s model as `model_name`. `chat_template` overrides the tokenizer's."""
+               default_chat_tokens: int = 512, allow_origins: list[str] | None = None,
+               log: Callable[[str], None] | None = None) -> FastAPI:
+    """The ASGI app serving `engine`'s model as `model_name`. `chat_template` overrides the tokenizer's;
+    `allow_origins`: web pages (origins) whose scripts may call the API from a browser (CORS)."""
     log = log or (lambda line: print(f"pocketlm serve: {line}", file=sys.stderr, flush=True))
     tokenizer = engine.tokenizer
     template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -41,6 +43,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
                    default_chat_tokens, log)
     app = FastAPI(title="pocketlm serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    if allow_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=allow_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     _install_error_handlers(app, log)
 
     def check_key(request: Request) -> None:

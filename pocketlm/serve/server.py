@@ -83,7 +83,7 @@ def _describe(model, device, name: str) -> str:
 def serve(source: str, *, adapter: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, chat_template: str | Path | None = None,
           max_batch: int = 64, prefill_chunk: int = 128, default_chat_tokens: int = 512, device: str = "auto",
-          log: Callable[[str], None] | None = None) -> None:
+          allow_origins: list[str] | None = None, log: Callable[[str], None] | None = None) -> None:
     """Serve SOURCE with OpenAI's API on host:port until interrupted."""
     from pocketlm.serve import chat
     from pocketlm.serve.app import create_app
@@ -100,7 +100,7 @@ def serve(source: str, *, adapter: str | Path | None = None, host: str = "127.0.
     name = model_name or _default_name(source)
     engine = Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk).start()
     app = create_app(engine, name, api_key=api_key, chat_template=template,
-                     default_chat_tokens=default_chat_tokens, log=log)
+                     default_chat_tokens=default_chat_tokens, allow_origins=allow_origins, log=log)
     bound_host, bound_port = sock.getsockname()[:2]
     has_template = template is not None or getattr(tokenizer, "chat_template", None) is not None
 
@@ -142,14 +142,14 @@ class RunningServer:
 
 def start(model, tokenizer, *, model_name: str = "pocketlm", host: str = "127.0.0.1", port: int = 0,
           api_key: str | None = None, chat_template: str | None = None, max_batch: int = 64,
-          prefill_chunk: int = 128, default_chat_tokens: int = 512,
+          prefill_chunk: int = 128, default_chat_tokens: int = 512, allow_origins: list[str] | None = None,
           log: Callable[[str], None] | None = None) -> RunningServer:
     """Serve an already loaded model from a background thread; returns once it answers."""
     from pocketlm.serve.app import create_app
 
     engine = Engine(model.eval(), tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk).start()
     app = create_app(engine, model_name, api_key=api_key, chat_template=chat_template,
-                     default_chat_tokens=default_chat_tokens, log=log)
+                     default_chat_tokens=default_chat_tokens, allow_origins=allow_origins, log=log)
     sock = bind(host, port)
     ready = threading.Event()
     server = _uvicorn_server(app, ready.set)
