@@ -7,7 +7,8 @@ One background thread owns the model. Each iteration it
 2. runs one decode step for every running sequence at once: one forward pass over a
    `BatchKVCache` whose rows have different lengths, then sampling per group of equal settings.
 A sequence that finishes (end-of-text, a stop token or string, max_tokens) or whose client went away
-leaves the batch at once, and a new request takes its row at the next iteration.
+leaves the batch at once, and a new request takes its row at the next iteration. The batch cache is
+freed with its last row; after `trim_after_s` idle the allocator hands the memory back to the OS.
 
 Sampling is generate.py's `processed_logits` (penalties, temperature, top-k, top-p) and `draw_tokens`
 (inverse-CDF: one uniform per row, so sampling a row costs O(vocabulary) once): rows with the same
@@ -100,12 +101,14 @@ class EngineStats:
     requests: int = 0
     cancelled: int = 0
     failed: int = 0
+    trims: int = 0  # times the idle engine handed freed memory back to the OS
 
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 64, prefill_chunk: int = 128) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.trim_after_s = 1.0  # idle this long, then memory goes back to the OS
         self.device = next(model.parameters()).device
         self.cache = model.new_batch_cache()
         self.running: list[_Sequence] = []  # row i of the cache is running[i]
@@ -148,21 +151,32 @@ class Engine:
 
     # -- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
+        worked = False  # since memory was last handed back
         with torch.inference_mode():
             while True:
                 with self._cond:
                     while not (self._stop or self.waiting or self.running):
-                        self._cond.wait()
+                        # Idle a moment (not between the back-to-back requests of one client): hand the
+                        # freed batch cache back to the OS, outside the lock (trimming can take 100 ms).
+                        if worked and not self._cond.wait(timeout=self.trim_after_s):
+                            break
+                        if not worked:
+                            self._cond.wait()
                     if self._stop:
                         return
+                    idle = not (self.waiting or self.running)
+                if idle:
+                    release_free_memory()
+                    self.stats.trims += 1
+                    worked = False
+                    continue
+                worked = True
                 try:
                     self._admit()
                     if self.running:
                         self._decode_step()
                 except Exception as exc:  # noqa: BLE001 - a failed step must not take the server down
                     self._fail_all(f"{type(exc).__name__}: {exc}")
-                if not self.running and not self.waiting:
-                    release_free_memory()  # the batch cache is gone: hand its memory back
 
     def _admit(self) -> None:
         """Prefill waiting requests (oldest first) within this iteration's token budget."""
