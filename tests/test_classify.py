@@ -317,3 +317,23 @@ def test_length_groups_are_exact_and_change_no_logits():
         whole = classifier_logits(model, ids, mask)
         grouped = classifier_logits(model, ids, mask, group_overhead=8)
     assert torch.allclose(whole, grouped, atol=1e-5)
+
+
+def test_merge_folds_a_lora_classifier_into_a_transformers_classifier(tmp_path):
+    from pocketlm.cli import main
+
+    tok = load_tokenizer("gpt2")
+    base_dir = save_model(tiny("llama"), tok, tmp_path / "base")
+    model = tiny("llama")
+    attach_head(model, 2, seed=2)
+    lora.prepare_model(model, "lora", 4, 8.0, 0.0, "attn+mlp", base=str(base_dir))
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.normal_(0, 0.2)
+    step = tmp_path / "step"
+    step.mkdir()
+    ClassifierSaver(lora.LoraSaver(base_dir), ClassifierInfo(labels=["no", "yes"], method="lora")).save(model, tok, step)
+    main(["merge", str(step), "--out", str(tmp_path / "merged")])
+    hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert (_hf_logits(hf_model, ROWS, 0) - _ours(model, ROWS, 0)).abs().max() < 1e-4
+    assert load_classifier(tmp_path / "merged")[2].method == "lora-merged"

@@ -178,9 +178,24 @@ def _step_folder(source: str | Path) -> Path:
     return resolve_model_dir(source)
 
 
-def load_classifier(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def merge_classifier(source: str | Path, out: str | Path, *, base: str | None = None) -> ClassifierInfo:
+    """A LoRA classifier (run, step or adapter folder) folded into its base: a standalone classifier folder."""
+    from dataclasses import replace
+
+    from pocketlm import lora
+
+    model, tokenizer, info = load_classifier(source, base=base)
+    lora.merge_lora(model)
+    info = replace(info, method=f"{info.method}-merged")
+    save_classifier(model, tokenizer, out, info)
+    return info
+
+
+def load_classifier(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    *, base: str | None = None):
     """(model with its head, tokenizer, ClassifierInfo) from a classify run, a checkpoint, a classifier
-    model folder (pocketlm's or transformers' *ForSequenceClassification) or a LoRA classifier adapter."""
+    model folder (pocketlm's or transformers' *ForSequenceClassification) or a LoRA classifier adapter
+    (on `base` when given, else the base its adapter_config names)."""
     from pocketlm import hf
     from pocketlm.checkpoint import load_state_into, read_hf_weights
     from pocketlm.lora import ADAPTER_DIR, CONFIG_FILE, load_adapter, read_adapter_config
@@ -194,7 +209,7 @@ def load_classifier(source: str | Path, device: str | torch.device = "cpu", dtyp
         from pocketlm.checkpoint import load_model
 
         info = _adapter_info(folder, adapter)
-        base = read_adapter_config(adapter).get("base_model_name_or_path") or info.base
+        base = base or read_adapter_config(adapter).get("base_model_name_or_path") or info.base
         if not base:
             raise UserError(f"the adapter in {adapter} does not name its base model")
         model, tokenizer = load_model(base, device="cpu", dtype=torch.float32)

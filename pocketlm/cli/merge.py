@@ -43,6 +43,13 @@ def run(args: argparse.Namespace) -> None:
 
     check_output_dir(out, "--out")
     folder = lora.find_adapter_folder(args.source)
+    if lora.read_adapter_config(folder).get("modules_to_save"):  # a LoRA classifier: head + merged base
+        from pocketlm.classify.io import merge_classifier
+
+        info = merge_classifier(folder, out, base=args.base)
+        print(f"merged LoRA classifier {folder} ({info.num_labels} classes) -> {out} "
+              "(AutoModelForSequenceClassification loads it)")
+        return
     model, tokenizer = lora.load_base_and_adapter(folder, base=args.base)
     meta = dict(getattr(model, "_pocketlm_lora", {}))
     base = args.base or meta.get("base")
