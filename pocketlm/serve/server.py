@@ -47,6 +47,8 @@ def load(source: str, adapter: str | Path | None = None, device: str = "auto"):
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening-ready socket on host:port (port 0: a free one), or a UserError that says what to do."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port: give one from 1 to 65535 (0 picks a free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
