@@ -107,7 +107,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise UserError(f"{name.replace('_', '-')} must be a finite number, got {value}")
-        positive = ["max_steps", "micro_batch", "eval_every", "eval_batches", "log_every"]
+        positive = ["max_steps", "micro_batch", "eval_every", "eval_batches", "log_every", "keep_checkpoints"]
         for name in positive + (["batch_tokens"] if self.batch_tokens is not None else []):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

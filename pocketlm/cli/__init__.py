@@ -77,6 +77,13 @@ def os_error_message(exc: OSError) -> str:
     return f"cannot access {where}: {reason}: {advice}"
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
+
+
 def _close_progress_bars() -> None:
     """Close bars an error left open now, so that they print before the error line, not after it."""
     tqdm_module = sys.modules.get("tqdm")
@@ -104,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"pocketlm: error: {exc}", file=sys.stderr)
             sys.exit(2)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, so the line names the command: `pocketlm CMD: error:`
+        sub = _subparser(parser, getattr(args, "command", None))
+        (sub or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         sys.exit(2)

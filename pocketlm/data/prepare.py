@@ -226,6 +226,8 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
         raise UserError(f"--shard-tokens must be at least 1 (got {shard_tokens})")
     if workers < 1:
         raise UserError(f"--workers must be at least 1 (got {workers})")
+    if min_val_tokens < 0:
+        raise UserError(f"--min-val-tokens must be 0 or more (got {min_val_tokens})")
     out = Path(out)
     check_output_folder(out)
     corpus = Corpus(source, delimiter=delimiter, delimiter_regex=delimiter_regex, text_field=text_field,

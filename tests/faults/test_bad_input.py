@@ -132,3 +132,21 @@ def test_export_and_merge_out_under_a_file(runs, tmp_path, capsys, command):
     (tmp_path / "file").write_text("precious")
     r = run_inprocess([command, source, "--out", tmp_path / "file" / "model"], capsys)
     assert_user_error(r, command, "is a file")
+
+
+def test_an_unknown_flag_names_the_command(capsys):
+    from pocketlm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--beta1", "0.8"])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "pocketlm pretrain: error: unrecognized arguments: --beta1 0.8"
+
+
+def test_more_values_refused(corpus, data, tmp_path, capsys):
+    r = run_inprocess(["prepare", corpus, "--out", tmp_path / "d", "--min-val-tokens", "-5"], capsys)
+    assert_user_error(r, "prepare", "min-val-tokens")
+    r = run_inprocess(["pretrain", "--model", "gpt2-tiny", "--data", data, "--out", tmp_path / "r",
+                       "--keep-checkpoints", "0", *TRAIN_FLAGS], capsys)
+    assert_user_error(r, "pretrain", "keep-checkpoints must be positive")
