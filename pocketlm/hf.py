@@ -7,7 +7,6 @@ AutoModelForCausalLM loads what pocketlm writes, and pocketlm loads what transfo
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -355,19 +354,22 @@ def load_tokenizer_from_source(key: str):
 
 def _folder_tokenizer(path: Path):
     from pocketlm import checkpoint
-    from pocketlm.tokenizer import load_tokenizer
+    from pocketlm.tokenizer import load_tokenizer, read_json_file
 
     folder = checkpoint.resolve_model_dir(path)  # a run -> its best (else latest) checkpoint
     for candidate in (folder, folder / "adapter"):
         if (candidate / "tokenizer.json").exists() or (candidate / "vocab.json").exists():
             return load_tokenizer(candidate)
     for adapter in (folder / "adapter_config.json", folder / "adapter" / "adapter_config.json"):
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path") if adapter.exists() else None
+        adapter_config = read_json_file(adapter, "adapter config") if adapter.exists() else None
+        base = adapter_config.get("base_model_name_or_path") if isinstance(adapter_config, dict) else None
         if base:  # a LoRA checkpoint stores no tokenizer: its base's is the one
             return load_tokenizer(base)
     config_path = folder / "config.json"
     if config_path.exists():
-        config = json.loads(config_path.read_text())
+        config = read_json_file(config_path, "model config")
+        if not isinstance(config, dict):
+            raise UserError(f"model config {config_path} is not a JSON object: restore the model folder")
         name = (config.get("pocketlm") or {}).get("tokenizer") or ("gpt2" if config.get("model_type") == "gpt2"
                                                                    else "")
         if name:

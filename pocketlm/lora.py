@@ -344,8 +344,10 @@ def read_adapter_config(folder: str | Path) -> dict:
         raise UserError(f"{folder} is not a LoRA adapter folder: {CONFIG_FILE} is missing")
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}): re-save the adapter") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}): re-save the adapter") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} is not a JSON object: re-save the adapter")
     peft_type = str(cfg.get("peft_type") or "").upper()
     if peft_type != "LORA":
         raise UserError(f"the adapter in {folder} is a {peft_type or 'untyped'} adapter: pocketlm loads LoRA only")

@@ -90,3 +90,22 @@ def test_damaged_model_folder(base, copy_of, capsys, tmp_path, file, damage):
     r = run_inprocess(["export", b, "--out", tmp_path / "exported"], capsys)
     assert_user_error(r, "export")
     assert snapshot(b) == before and not (tmp_path / "exported").exists()
+
+
+# -- a LoRA run's adapter ------------------------------------------------------------------------------------
+ADAPTER_FILES = {"adapter_model.safetensors": BINARY_CORRUPTIONS, "adapter_config.json": CORRUPTIONS,
+                 "pocketlm_adapter.json": {"truncate": CORRUPTIONS["truncate"], "garbage": CORRUPTIONS["garbage"]}}
+ADAPTER_CASES = [(f, d) for f, damages in ADAPTER_FILES.items() for d in damages
+                 if not (f == "pocketlm_adapter.json" and d == "missing")]
+
+
+@pytest.mark.parametrize("file,damage", ADAPTER_CASES)
+def test_damaged_adapter(runs, copy_of, capsys, tmp_path, file, damage):
+    run = copy_of(runs("lora", capsys), "lora-copy")
+    for adapter in run.glob("checkpoints/step-*/adapter"):
+        ADAPTER_FILES[file][damage](adapter / file)
+    before = snapshot(run)
+    for argv in (["generate", run, "--prompt", "a", "--max-new-tokens", "2"], ["merge", run, "--out", tmp_path / "m"]):
+        r = run_inprocess(argv, capsys)
+        assert_user_error(r, argv[0])
+    assert snapshot(run) == before and not (tmp_path / "m").exists()
