@@ -216,6 +216,13 @@ def test_logprobs_are_the_models_and_echo_returns_the_prompt(client, model, tok)
         assert max(c.logprobs.top_logprobs[pos].values()) == pytest.approx(float(expected[pos - 1].max()), abs=1e-4)
     assert c.logprobs.text_offset[: 2] == [0, len(tok.decode([ids[0]]))]
     assert r.usage.completion_tokens == 3
+    chunks = list(client.completions.create(model="tiny", prompt=[prompt, "Hi"], n=2, max_tokens=3, temperature=0,
+                                            logprobs=2, echo=True, stream=True))
+    assert all(len({x.index for x in chunk.choices}) == len(chunk.choices) for chunk in chunks)  # one entry each
+    streamed = "".join(x.text for chunk in chunks for x in chunk.choices if x.index == 1)
+    assert streamed == c.text
+    tokens = [t for chunk in chunks for x in chunk.choices if x.index == 1 for t in x.logprobs.tokens]
+    assert tokens == c.logprobs.tokens
 
 
 def test_streaming_completion_matches_and_usage_chunk_only_when_asked(client, model, tok):

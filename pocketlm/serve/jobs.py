@@ -238,9 +238,9 @@ class Job:
                 return
             parts = []
             for event in events:
-                if isinstance(event, PromptLogprobs):  # echo with logprobs: the prompt, scored
+                if isinstance(event, PromptLogprobs):  # echo with logprobs: the prompt, scored, on its own
                     n = self.settings.num_samples
-                    parts.extend(self._echo(c, sent, offsets) for c in self.choices[p * n : (p + 1) * n])
+                    yield self._chunk([self._echo(c, sent, offsets) for c in self.choices[p * n : (p + 1) * n]])
                 elif isinstance(event, Token | Finish):
                     part = self._delta(event, sent, offsets)
                     if part is not None and parts and isinstance(event, Finish) and \
