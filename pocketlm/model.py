@@ -212,10 +212,11 @@ class BatchKVCache:
     @property
     def capacity(self) -> tuple[int, int]:
         """(rows, positions) the storage holds now."""
-        return (self.k[0].shape[0], self.k[0].shape[2]) if self.k else (0, 0)
+        k = self.k  # one read: another thread (a server's stats) may ask while the cache is freed
+        return (k[0].shape[0], k[0].shape[2]) if k else (0, 0)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in list(self.k) + list(self.v))
 
     def _reserve(self, rows: int, length: int) -> None:
         have_rows, have_len = self.capacity
