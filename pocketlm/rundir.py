@@ -305,7 +305,11 @@ class RunDir:
         steps = sorted(p.name for p in ckpts.glob("step-*") if p.is_dir())
         for name in steps[: max(0, len(steps) - keep)]:
             if name not in protected:
-                shutil.rmtree(ckpts / name, ignore_errors=True)
+                # Renamed first: a kill during the removal leaves a `.tmp` the next start removes, never a
+                # half-deleted step folder that looks like a checkpoint.
+                doomed = ckpts / f".{name}.pruned.tmp"
+                os.replace(ckpts / name, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
 
 def damaged(step_dir: Path, what: str) -> UserError:
