@@ -260,3 +260,17 @@ def test_gguf_export_refuses_what_the_type_cannot_hold(src, tmp_path):
     with pytest.raises(UserError, match="quantize twice"):
         export(str(tmp_path / "g64"), tmp_path / "b.gguf", dtype="q5_0", fmt="gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_head_recomputes_its_top_candidates_exactly():
+    torch.manual_seed(0)
+    head = Int8Linear.from_linear(nn.Linear(64, 5000, bias=False))
+    head.exact_top = 16
+    x = torch.randn(3, 7, 64)
+    ref = torch.nn.functional.linear(x, head.dequantized_weight()).detach()
+    y = head(x)
+    top = ref.topk(4, dim=-1).indices
+    assert torch.allclose(y.gather(-1, top), ref.gather(-1, top), atol=1e-5)  # fp32, not bf16's 8 bits
+    assert torch.equal(y.argmax(-1), ref.argmax(-1))
+    head.exact_top = 0
+    assert not torch.allclose(head(x).gather(-1, top), ref.gather(-1, top), atol=1e-5)

@@ -14,7 +14,14 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from pocketlm.compress import formats as fm
-from pocketlm.compress.modules import QUANT_LINEARS, FP8Linear, Int4Linear, Int8Embedding, Int8Linear
+from pocketlm.compress.modules import (
+    QUANT_LINEARS,
+    FP8Linear,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    mark_head,
+)
 from pocketlm.errors import UserError
 from pocketlm.quant import NF4Linear
 
@@ -89,6 +96,7 @@ def quantize_model(model: nn.Module, spec: fm.QuantSpec, progress: bool = True) 
             model.lm_head.qweight, model.lm_head.scales = table.qweight, table.scales
     if "lm_head" in layers and not tied:
         model.lm_head = Int8Linear.from_linear(model.lm_head)
+    mark_head(model)
     return {**spec.to_dict(), "layers": layers, "tied_head": tied}
 
 

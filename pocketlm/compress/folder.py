@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from pocketlm import hf
 from pocketlm.atomic import AtomicDir
 from pocketlm.compress import formats as fm
-from pocketlm.compress.modules import FP8Linear, Int4Linear, Int8Embedding, Int8Linear
+from pocketlm.compress.modules import FP8Linear, Int4Linear, Int8Embedding, Int8Linear, mark_head
 from pocketlm.errors import UserError
 from pocketlm.model import GPT
 from pocketlm.quant import NF4Linear
@@ -163,6 +163,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"{weights} does not fit its config: missing {still_meta[:3]}, unexpected {unexpected[:3]}"
                         " (the folder is damaged; quantize again)")
     model._rope_cache = None
+    mark_head(model)
     model.eval()
     return model.to(device=device, dtype=dtype or torch.float32), tokenizer
 

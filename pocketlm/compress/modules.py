@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from pocketlm.compress import formats as fm
 
 DEFAULT_COMPUTE = torch.bfloat16
+# The last input cast to the compute dtype: (x, x._version, dtype, cast). Holding x keeps its id from being
+# reused; the version catches in-place changes. Inference only (the kernels are not used under autograd).
+_LAST_CAST: list = [None]
 _INT4_TILES = 2  # innerKTiles of the CPU int4 layout (the CPU kernel ignores the value beyond validation)
 
 
@@ -48,6 +51,18 @@ class _QuantLinear(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         return self.compute_dtype or x.dtype
+
+    def _cast_input(self, x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+        """x as (-1, in_features) in the compute dtype. q/k/v (and gate/up) read the same x: it is cast once
+        and the cast reused while x is unchanged (same tensor object, same version)."""
+        if x.dtype == cdt:
+            return x.reshape(-1, self.in_features)
+        last = _LAST_CAST[0]
+        if last is not None and last[0] is x and last[1] == x._version and last[2] == cdt:
+            return last[3]
+        xc = x.reshape(-1, self.in_features).to(cdt)
+        _LAST_CAST[0] = (x, x._version, cdt, xc)
+        return xc
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
@@ -102,9 +117,25 @@ class Int8Linear(_QuantLinear):
         cdt = self._cdt(x)
         if x.device.type != "cpu" or x.requires_grad:  # the kernel is CPU-only and has no backward
             return self._fallback(x, cdt)
-        x2 = x.reshape(-1, self.in_features).to(cdt)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self._kernel_scales(cdt))
+        y = torch.ops.aten._weight_int8pack_mm(self._cast_input(x, cdt), self.qweight, self._kernel_scales(cdt))
+        if self.exact_top and x.dtype != cdt:
+            y = self._refine(y.to(x.dtype), x.reshape(-1, self.in_features))
         return self._finish(y, x)
+
+    exact_top = 0  # the output head sets this: see _refine
+
+    def _refine(self, y: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Recompute the `exact_top` largest outputs of each row in x's dtype from the int8 rows.
+
+        A bf16 output holds 8 significant bits: a logit of 16 is rounded to a multiple of 0.125, enough to swap
+        the two most likely tokens. The head's top candidates are computed exactly (k rows of int8 codes,
+        a few microseconds), the rest of the distribution keeps the kernel's bf16 values.
+        """
+        idx = y.topk(min(self.exact_top, y.shape[-1]), dim=-1).indices  # [M, k]
+        flat = idx.reshape(-1)
+        rows = self.qweight.index_select(0, flat).view(*idx.shape, -1).to(x2.dtype)  # [M, k, K]
+        exact = torch.bmm(rows, x2[:, :, None]).squeeze(-1) * self.scales.index_select(0, flat).view(idx.shape)
+        return y.scatter_(-1, idx, exact.to(y.dtype))
 
 
 class Int4Linear(_QuantLinear):
@@ -157,8 +188,7 @@ class Int4Linear(_QuantLinear):
         if x.device.type != "cpu" or x.requires_grad or not self.uses_kernel:
             return self._fallback(x, cdt)
         packed, sz = self._kernel_weights(cdt)
-        x2 = x.reshape(-1, self.in_features).to(cdt)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._cast_input(x, cdt), packed, self.group_size, sz)
         return self._finish(y, x)
 
     def extra_repr(self) -> str:
@@ -215,6 +245,17 @@ class Int8Embedding(nn.Module):
 
 
 QUANT_LINEARS = (Int8Linear, Int4Linear, FP8Linear)
+
+
+HEAD_EXACT_TOP = 16  # output-head logits recomputed exactly per position (Int8Linear._refine)
+
+
+def mark_head(model: nn.Module) -> None:
+    """The output head (an Int8Linear) recomputes its top candidates exactly: greedy decoding then matches
+    the full-precision computation of the same int8 weights."""
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, Int8Linear):
+        head.exact_top = HEAD_EXACT_TOP
 
 
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
