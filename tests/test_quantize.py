@@ -144,6 +144,18 @@ def test_folders_load_everywhere_and_size_reflects_the_format(src, tmp_path):
     assert sizes["int4"] < sizes["int8"] < sizes["bf16"]
 
 
+@pytest.mark.parametrize("fmt", ["fp64", "fp8", "int8", "int4", "nf4"])
+def test_greedy_generation_on_every_format(src, tmp_path, fmt):
+    from pocketlm.checkpoint import load_model
+    from pocketlm.generate import SamplingSettings, generate_tokens
+
+    quantize(src, fmt, tmp_path / fmt, progress=False)
+    model, tok = load_model(tmp_path / fmt)
+    ids = torch.tensor([tok.encode("To be, or not")] * 2)
+    out = generate_tokens(model, ids, SamplingSettings(max_new_tokens=6, temperature=0), eos_id=None)
+    assert out.shape == (2, 6) and torch.equal(out[0], out[1])
+
+
 def test_folder_round_trip_is_exact(src, tmp_path):
     from pocketlm.checkpoint import load_model
 

@@ -57,11 +57,12 @@ class _QuantLinear(nn.Module):
         and the cast reused while x is unchanged (same tensor object, same version)."""
         if x.dtype == cdt:
             return x.reshape(-1, self.in_features)
+        version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         last = _LAST_CAST[0]
-        if last is not None and last[0] is x and last[1] == x._version and last[2] == cdt:
+        if last is not None and last[0] is x and last[1] == version and last[2] == cdt:
             return last[3]
         xc = x.reshape(-1, self.in_features).to(cdt)
-        _LAST_CAST[0] = (x, x._version, cdt, xc)
+        _LAST_CAST[0] = (x, version, cdt, xc)
         return xc
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
