@@ -62,6 +62,10 @@ def _child(payload: dict, conn, parent_pid: int) -> None:
     conn.close()
 
 
+def _noop() -> None:
+    pass
+
+
 def _dead_row(payload: dict, exitcode: int | None) -> dict:
     cell = payload["cell"]
     if exitcode is not None and exitcode < 0:
@@ -87,9 +91,10 @@ class LocalExecutor:
                                              "pocketlm.data.prepare", "pocketlm.generate",
                                              "pocketlm.eval.likelihood", "pocketlm.eval.generation_eval",
                                              "pocketlm.eval.multiple_choice", "pocketlm.hf"])
-            from multiprocessing import forkserver
-
-            forkserver.ensure_running()  # torch imports once, here, not in the first cell's time
+            # Torch imports once, here (a no-op worker waits for the server's imports), not in a cell's time.
+            warm = self.ctx.Process(target=_noop)
+            warm.start()
+            warm.join()
 
     def execute(self, payloads: list[dict], on_result: OnResult, on_start: Callable[[dict], None]) -> None:
         for payload in payloads:
