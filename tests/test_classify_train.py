@@ -159,3 +159,13 @@ def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys, content, flags
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("pocketlm finetune: error:")
+
+
+def test_texts_longer_than_the_context_are_cut_and_counted(base, files, tmp_path, capsys):
+    _finetune(base, files, tmp_path / "run", "head", "--max-length", "4096")
+    err = capsys.readouterr().err
+    assert "--max-length 4096 is longer than the model's context: using 64" in err
+    short = tmp_path / "short"
+    _finetune(base, files, short, "head", "--max-length", "3")
+    assert "texts longer than 3 tokens were cut: train 160, val 40" in capsys.readouterr().err
+    assert json.loads((short / "summary.json").read_text())["truncated_rows"] == {"train": 160, "val": 40}

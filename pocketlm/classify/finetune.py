@@ -115,30 +115,31 @@ def _recipe(cfg, opts: ClassifyOptions):
 def finetune_classifier(cfg, opts: ClassifyOptions) -> dict:
     """Train a classifier on cfg.data from base cfg.model with cfg.method (head, full, lora, qlora; LoRA
     settings in cfg.adapter); returns the run's summary."""
-    from pocketlm.tokenizer import load_tokenizer
     from pocketlm.train import Trainer
 
     if cfg.method not in CLASSIFY_METHODS:
         raise UserError(f"unknown method {cfg.method!r} for --task classify: choose {', '.join(CLASSIFY_METHODS)}")
     if opts.max_length < 3:
         raise UserError(f"--max-length must be at least 3 tokens, got {opts.max_length}")
-    cfg = _recipe(cfg, opts)
+    _recipe(cfg, opts)  # settings checked before anything loads
     if RunDir(cfg.out).checkpoint("latest") is not None and not cfg.resume:
         raise UserError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
     train_rows, val_rows, test_rows, classes, notes = load_splits(cfg, opts)
-    tokenizer = load_tokenizer(cfg.model)  # cheap; the weights come after every data check
+    model, tokenizer, inner, trainable = _build_model(cfg, cfg.method, len(classes), cfg.adapter)
+    if opts.max_length > model.config.block_size:  # longer texts are cut to the model's context, not refused
+        say(f"--max-length {opts.max_length} is longer than the model's context: using {model.config.block_size}")
+        opts = replace(opts, max_length=model.config.block_size)
+    cfg = _recipe(cfg, opts)
     encoded = {name: encode_rows(tokenizer, rows, opts.max_length)
                for name, rows in (("train", train_rows), ("val", val_rows), ("test", test_rows)) if rows}
     cut = {k: v.truncated for k, v in encoded.items() if v.truncated}
     if cut:
-        say(f"texts longer than --max-length {opts.max_length} tokens were cut: "
-            + ", ".join(f"{k} {v:,}" for k, v in cut.items()))
+        say(f"texts longer than {opts.max_length} tokens were cut: " + ", ".join(f"{k} {v:,}" for k, v in cut.items()))
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     info = ClassifierInfo(labels=classes, text_column=opts.text_column, label_column=opts.label_column,
                           text_pair_column=opts.text_pair_column, max_length=opts.max_length,
                           separator_id=tokenizer.eos_id if opts.text_pair_column else None, pad_id=pad,
                           method=cfg.method, base=cfg.model)
-    model, tokenizer, inner, trainable = _build_model(cfg, cfg.method, len(classes), cfg.adapter)
     precision = None if cfg.precision == "auto" else cfg.precision
     source = ClassificationBatchSource(encoded["train"].ids, label_ids(train_rows, classes), seed=cfg.seed,
                                        pad_id=pad, max_length=opts.max_length, tokenizer_identity=tokenizer.identity,
