@@ -98,6 +98,9 @@ def load_state_into(model: GPT, hf_state: dict[str, torch.Tensor], where: str) -
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    if unexpected == ["score.weight"] and not missing:  # a sequence classifier's head (pocketlm.classify)
+        raise UserError(f"{where} is a classifier (it has a classification head): evaluate it with "
+                        "`pocketlm eval RUN --classify FILE`; it does not generate text")
     if missing or unexpected:
         raise UserError(f"weights in {where} do not fit the model: missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]} (is the config.json from another model?)")

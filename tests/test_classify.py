@@ -337,3 +337,15 @@ def test_merge_folds_a_lora_classifier_into_a_transformers_classifier(tmp_path):
     hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert (_hf_logits(hf_model, ROWS, 0) - _ours(model, ROWS, 0)).abs().max() < 1e-4
     assert load_classifier(tmp_path / "merged")[2].method == "lora-merged"
+
+
+def test_a_classifier_given_to_generate_says_what_it_is(tmp_path, capsys):
+    from pocketlm.cli import main
+
+    model = tiny("gpt2")
+    attach_head(model, 2, seed=0)
+    save_classifier(model, load_tokenizer("gpt2"), tmp_path / "clf", ClassifierInfo(labels=[0, 1]))
+    with pytest.raises(SystemExit) as info:
+        main(["generate", str(tmp_path / "clf"), "--prompt", "hi", "--max-new-tokens", "2"])
+    assert info.value.code == 2
+    assert "is a classifier" in capsys.readouterr().err.strip().splitlines()[-1]
