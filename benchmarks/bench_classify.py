@@ -49,7 +49,7 @@ def load_ours(name: str):
         cfg = replace(get_config("smollm2-135m"), n_layer=2, n_embd=64, n_head=4, n_kv_head=2, intermediate_size=128)
         return GPT(cfg).eval(), load_tokenizer("smollm2"), "tiny smollm2-shaped llama"
     if name != "random":
-        from pocketlm.checkpoint import load_model
+        from pocketlm.io import load_model
 
         model, tok = load_model(name)
         return model.eval(), tok, name

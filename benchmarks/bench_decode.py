@@ -139,15 +139,15 @@ class LlamaCpp:
 
 def build(args, tmp: Path) -> tuple[dict, dict, dict, list[int], dict]:
     """(runners, weight bytes, notes, prompt ids, info): one runner per available variant."""
-    from pocketlm.checkpoint import save_model
     from pocketlm.compress.api import quantize
-    from pocketlm.hf import BUILTIN_BASES
+    from pocketlm.io import save_model
+    from pocketlm.io.builtins import BUILTIN_BASES
     from pocketlm.model import GPT, get_config
     from pocketlm.tokenizer import load_tokenizer
 
     builtin = args.weights == "builtin" or (args.weights == "auto" and args.model in BUILTIN_BASES)
     if builtin:
-        from pocketlm.checkpoint import load_model
+        from pocketlm.io import load_model
 
         model, tok = load_model(args.model)
     else:
@@ -167,7 +167,7 @@ def build(args, tmp: Path) -> tuple[dict, dict, dict, list[int], dict]:
             if kind == "pocketlm":
                 if fmt in ("int8", "int4"):
                     quantize(fp32_dir, fmt, tmp / fmt, progress=False)
-                    from pocketlm.checkpoint import load_model
+                    from pocketlm.io import load_model
 
                     m = load_model(tmp / fmt)[0]
                 else:
@@ -191,18 +191,18 @@ def build(args, tmp: Path) -> tuple[dict, dict, dict, list[int], dict]:
 def gguf_file(fmt: str, builtin: bool, model, tok, fp32_dir: Path, tmp: Path) -> Path:
     """q4_1: the built-in GGUF itself (else an export); q8_0: the pocketlm int8 folder exported losslessly."""
     if fmt == "q4_1" and builtin:
-        from pocketlm.gguf_import import smollm2_gguf_path
+        from pocketlm.io.gguf import smollm2_gguf_path
 
         return Path(smollm2_gguf_path())
     if fmt == "q8_0":
-        from pocketlm.checkpoint import load_model
         from pocketlm.compress.api import quantize
         from pocketlm.compress.gguf import export_quantized_gguf
+        from pocketlm.io import load_model
 
         if not (tmp / "int8").exists():
             quantize(fp32_dir, "int8", tmp / "int8", progress=False)
         return export_quantized_gguf(load_model(tmp / "int8")[0], tok, tmp / "q8_0.gguf", "q8_0")
-    from pocketlm.gguf_export import write_gguf
+    from pocketlm.io.gguf_write import write_gguf
 
     return write_gguf(model, tok, tmp / f"{fmt}.gguf", dtype=fmt)
 

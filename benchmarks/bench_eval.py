@@ -29,7 +29,7 @@ def load_ours(name: str):
     from pocketlm.model import GPT, get_config
 
     if name != "random":
-        from pocketlm.checkpoint import load_model
+        from pocketlm.io import load_model
 
         try:
             model, _ = load_model(name)
@@ -56,8 +56,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from pocketlm.checkpoint import save_model
     from pocketlm.eval.likelihood import score_tokens
+    from pocketlm.io import save_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

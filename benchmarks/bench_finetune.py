@@ -79,7 +79,7 @@ def run_side(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     if args.side == "pocketlm":
         # pocketlm's side is the Trainer users run (AdamW, no clipping, fp32 here): its step(), not a copy.
-        from pocketlm.checkpoint import load_model
+        from pocketlm.io import load_model
         from pocketlm.train import trainer_on_windows
 
         model, _ = load_model(args.folder, device="cpu", dtype=torch.float32)
@@ -146,7 +146,7 @@ def main() -> None:
         print(json.dumps(run_side(args)))
         return
 
-    from pocketlm.checkpoint import load_model, save_model
+    from pocketlm.io import load_model, save_model
 
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         model, tokenizer = load_model(args.base)

@@ -43,7 +43,9 @@ def prepare(workdir: Path, args: argparse.Namespace) -> str:
     from safetensors.torch import save_file
 
     from pocketlm import lora
-    from pocketlm.checkpoint import load_model_folder, save_model
+    from pocketlm.io import save_model
+    from pocketlm.io.folders import load_model_folder
+    from pocketlm.io.peft import LoraSaver
     from pocketlm.model import GPT
 
     torch.manual_seed(args.seed)
@@ -55,7 +57,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> str:
         tokenizer = load_tokenizer("smollm2")
     else:
         try:
-            from pocketlm.hf import load_base_model
+            from pocketlm.io import load_model as load_base_model
 
             model, tokenizer = load_base_model("smollm2-135m")
             source = "smollm2-135m (built-in GGUF, dequantized to fp32)"
@@ -81,7 +83,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> str:
     # One initial adapter (A random as PEFT initialises it, B = 0) for every variant.
     init, _ = load_model_folder(workdir / "model")
     info = lora.prepare_model(init, "lora", args.rank, args.alpha, 0.0, args.targets, base=workdir / "model")
-    lora.LoraSaver(base=workdir / "model").save(init, None, workdir / "init")
+    LoraSaver(base=workdir / "model").save(init, None, workdir / "init")
     return (f"base: {source}, {model.num_parameters() / 1e6:.1f}M parameters; LoRA rank {args.rank} alpha "
             f"{args.alpha} on {args.targets} ({info['trainable_params']:,} trainable); batch {B} x {T}; "
             f"{args.warmup} warm-up + {args.steps} timed steps; validation on {n_val} x {B} windows")
@@ -243,13 +245,14 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker.startswith("pocketlm"):
         # pocketlm's side is the Trainer users run: its step() (accumulation, autocast, clip, AdamW).
         from pocketlm import lora
-        from pocketlm.checkpoint import load_model_folder
+        from pocketlm.io.folders import load_model_folder
+        from pocketlm.io.peft import LoraSaver
 
         model, tokenizer = load_model_folder(workdir / "model")
         if args.worker != "pocketlm-full":
             method = "qlora" if args.worker == "pocketlm-qlora" else "lora"
             lora.prepare_model(model, method, args.rank, args.alpha, 0.0, args.targets)
-            lora.LoraSaver().load(model, workdir / "init")  # the shared initial adapter
+            LoraSaver().load(model, workdir / "init")  # the shared initial adapter
         trainer = trainer_on_windows(
             model, tokenizer, batches["train"], val_windows=batches["val"], lr=args.lr, steps=len(batches["train"]),
             out=workdir / f"run-{args.worker}-{args.precision}", device=args.device, precision=args.precision,

@@ -151,7 +151,7 @@ async def load(client, model: str, url: str, clients: int, rounds: int, tokens: 
 def tiny_source(folder: Path) -> str:
     import torch
 
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
     from pocketlm.model import GPT
     from pocketlm.tokenizer import load_tokenizer
 

@@ -1,6 +1,6 @@
 """Training speed and memory: pocketlm's GPT against Hugging Face's GPT2LMHeadModel, on this CPU.
 
-Both sides start from the same weights (ours saved with pocketlm.checkpoint.save_model, loaded by
+Both sides start from the same weights (ours saved with pocketlm.io.save_model, loaded by
 transformers.AutoModelForCausalLM.from_pretrained), train on the same batches (tinyshakespeare, or
 random tokens) with the same AdamW (pocketlm.train.make_optimizer) and gradient clipping, in fp32
 and with bf16 autocast, under each host allocator:
@@ -46,7 +46,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
     from pocketlm.model import GPT
     from pocketlm.tokenizer import load_tokenizer
 
@@ -230,7 +230,7 @@ def worker(args: argparse.Namespace) -> None:
     n_steps = args.warmup + args.steps
     if args.worker == "pocketlm":
         # pocketlm's side is the Trainer users run: its step() (autocast, clip, AdamW), nothing rebuilt here.
-        from pocketlm.checkpoint import load_model_folder
+        from pocketlm.io.folders import load_model_folder
 
         model, tokenizer = load_model_folder(workdir / "model")
         trainer = trainer_on_windows(model, tokenizer, windows[:n_steps], lr=args.lr, steps=n_steps,

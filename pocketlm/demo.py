@@ -80,9 +80,9 @@ def _heldout_text(gpt2_data: Path) -> str:
 
 def _evaluate(source, text: str, device: str) -> tuple[dict, str]:
     """Loss, perplexity and bits per byte on `text`, and one sample, through pocketlm.eval and generate."""
-    from pocketlm.checkpoint import load_model
     from pocketlm.eval.likelihood import evaluate_text
     from pocketlm.generate import SamplingSettings, generate
+    from pocketlm.io import load_model
 
     model, tokenizer = load_model(source, device=device if device != "auto" else "cpu")
     figures = evaluate_text(model, tokenizer, text, context=256).to_dict()

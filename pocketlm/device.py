@@ -29,15 +29,26 @@ def pick_device(requested: str | None = "auto") -> torch.device:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The torch dtype a precision name (fp32, bf16, fp16) stands for: the one lookup of it."""
+    if precision not in PRECISION_DTYPES:
+        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return PRECISION_DTYPES[precision]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's (first) parameter lives on."""
+    return next(model.parameters()).device
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass: bf16 keeps fp32 master weights and optimizer state."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+    dtype = precision_dtype(precision)
+    if dtype == torch.float32:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

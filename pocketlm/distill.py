@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from pocketlm.device import precision_dtype
 from pocketlm.errors import UserError
 
 _CHUNK_ELEMENTS = 1 << 24  # logits per loss chunk (64 MB in fp32)
@@ -117,7 +118,7 @@ def load_teacher(settings: DistillSettings, student_tokenizer, device: torch.dev
     settings.validate()
     teacher_tokenizer = load_tokenizer(settings.teacher)  # cheap: before any weights load
     check_teacher_tokenizer(teacher_tokenizer, student_tokenizer, settings.teacher)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else None
+    dtype = precision_dtype(precision) if precision in ("bf16", "fp16") else None
     teacher, _ = load_for_inference(settings.teacher, device, dtype=dtype)
     if context is not None and teacher.config.block_size < context:
         raise UserError(f"the teacher {settings.teacher} reads at most {teacher.config.block_size} tokens and the "

@@ -16,9 +16,9 @@ from dataclasses import replace
 
 import torch
 
-from pocketlm import checkpoint
 from pocketlm.data.batches import read_manifest
 from pocketlm.errors import UserError
+from pocketlm.io import load_model
 from pocketlm.model import GPT
 from pocketlm.names import METHODS
 from pocketlm.recipe import AdapterConfig, TrainConfig
@@ -30,7 +30,7 @@ AdapterOptions = AdapterConfig  # the name before adapter settings joined the re
 
 def load_base(source: str) -> tuple[GPT, Tokenizer]:
     """The base with fp32 weights on the CPU, every parameter trainable (train() moves it to the device)."""
-    model, tokenizer = checkpoint.load_model(source, device="cpu", dtype=torch.float32)
+    model, tokenizer = load_model(source, device="cpu", dtype=torch.float32)
     if any("lora_" in name for name, _ in model.named_parameters()):
         from pocketlm import lora  # a LoRA run as the base: fold its adapter in first
 
@@ -57,10 +57,11 @@ def build_for_method(model: GPT, method: str, adapter: AdapterConfig, base: str)
     if method == "full":
         return FullModelSaver(), {"method": "full", "trainable_params": model.num_parameters(trainable_only=True)}
     from pocketlm import lora
+    from pocketlm.io.peft import LoraSaver
 
     info = lora.prepare_model(model, method, adapter.rank, adapter.alpha, adapter.dropout, adapter.targets,
                               base=base)
-    return lora.LoraSaver(base), info
+    return LoraSaver(base), info
 
 
 def parse_lr_list(text: str | list | None) -> list[float]:

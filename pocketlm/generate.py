@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pocketlm.device import model_device
 from pocketlm.errors import UserError
 
 # -- settings -------------------------------------------------------------------------------------
@@ -254,10 +255,6 @@ def _decode(model, idx: torch.Tensor, settings: SamplingSettings, eos_id: int | 
     return out[:, : step + 1]
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def generate_tokens(model, idx: torch.Tensor, settings: SamplingSettings, eos_id: int | None,
                     on_step: StepCallback | None = None) -> torch.Tensor:
     """New tokens (B, N) after the prompts `idx` (B, T), N <= settings.max_new_tokens.
@@ -273,7 +270,7 @@ def generate_tokens(model, idx: torch.Tensor, settings: SamplingSettings, eos_id
     model.eval()  # dropout off while sampling; the training loop samples mid-run
     try:
         with torch.inference_mode():
-            return _decode(model, idx.to(_model_device(model)), settings, eos_id, on_step)
+            return _decode(model, idx.to(model_device(model)), settings, eos_id, on_step)
     finally:
         model.train(was_training)
 
@@ -407,7 +404,7 @@ def run_generation(model, tokenizer, prompt: str, settings: SamplingSettings,
             flags.append(decoders[r].stopped)
         return flags
 
-    idx = torch.tensor([ids] * B, dtype=torch.long, device=_model_device(model))
+    idx = torch.tensor([ids] * B, dtype=torch.long, device=model_device(model))
     generate_tokens(model, idx, settings, eos_id, on_step)
     for r, d in enumerate(decoders):
         piece = d.finish()

@@ -7,7 +7,7 @@ One implementation, two families chosen by `ModelConfig.family`:
 
 Module names follow Hugging Face GPT-2 (`transformer.h.N.attn.c_attn`, ...) so that checkpoints and
 PEFT adapters need no renaming; for Llama the leaf names follow Hugging Face Llama (`q_proj`,
-`gate_proj`, ...) and `pocketlm.hf` maps the `model.layers.N.self_attn` prefix. Linear weights are
+`gate_proj`, ...) and `pocketlm.io.hf` maps the `model.layers.N.self_attn` prefix. Linear weights are
 stored as nn.Linear does, (out, in); GPT-2's Conv1D layout is transposed only at the HF boundary.
 """
 
@@ -484,6 +484,18 @@ class GPT(nn.Module):
     @classmethod
     def from_name(cls, name: str, **overrides) -> GPT:
         return cls(get_config(name, **overrides))
+
+    @classmethod
+    def empty(cls, config: ModelConfig) -> GPT:
+        """A model with uninitialised CPU weights, built on the meta device (no random init to throw away):
+        for loaders that fill every weight. Tied embeddings are re-tied (to_empty gives the shared meta
+        tensor two separate storages)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device="cpu")
+        if config.tie_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight
+        return model
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Unique parameters (a tied embedding counts once), as Hugging Face counts them."""

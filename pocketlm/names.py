@@ -6,6 +6,9 @@ three never drift apart.
 
 from __future__ import annotations
 
+# Model families pocketlm implements (Hugging Face model_type / GGUF general.architecture).
+FAMILIES: tuple[str, ...] = ("gpt2", "llama")
+
 # Fine-tuning methods (`pocketlm finetune --method`); pretraining is a TrainConfig.method of its own.
 METHODS: tuple[str, ...] = ("full", "lora", "qlora")
 ADAPTER_METHODS: tuple[str, ...] = ("lora", "qlora")  # methods that train a PEFT adapter, not the weights

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pocketlm import checkpoint as ckpt
 from pocketlm.data.batches import TokenBatchSource
-from pocketlm.device import autocast, default_precision, peak_memory_bytes
+from pocketlm.device import autocast, default_precision, peak_memory_bytes, precision_dtype
 from pocketlm.distributed import (
     accumulation_steps,
     all_reduce_mean,
@@ -37,6 +36,7 @@ from pocketlm.distributed import (
     load_optimizer_state,
 )
 from pocketlm.errors import UserError
+from pocketlm.io import folders
 from pocketlm.loggers import MetricLoggers
 from pocketlm.memory import allocator_in_effect, release_free_memory
 from pocketlm.model import GPT
@@ -67,10 +67,10 @@ class FullModelSaver:
     """Checkpoints hold a whole model folder (Hugging Face layout)."""
 
     def save(self, model: GPT, tokenizer: Tokenizer, directory: Path) -> None:
-        ckpt.write_model_files(model, tokenizer, directory)
+        folders.write_model_files(model, tokenizer, directory)
 
     def load(self, model: GPT, directory: Path) -> None:
-        ckpt.load_state_into(model, ckpt.read_hf_weights(directory), str(directory))
+        folders.load_state_into(model, folders.read_hf_weights(directory), str(directory))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -153,7 +153,7 @@ class Trainer:
     Extension points (keyword arguments; each has a default that pretraining and fine-tuning use):
 
     - `saver` (WeightSaver): what a checkpoint's weights are. FullModelSaver writes a model folder;
-      pocketlm.lora.LoraSaver a PEFT adapter.
+      pocketlm.io.peft.LoraSaver a PEFT adapter.
     - `objective` (pocketlm.objectives.Objective): `loss(model, batch) -> scalar tensor` for one
       micro-batch, called under autocast with the batch on the device. Default LMObjective (next-token
       cross-entropy). Distillation adds a KL term against a no-grad teacher; classification computes a
@@ -515,7 +515,7 @@ def store_frozen_linears(model: torch.nn.Module, precision: str) -> None:
     cast halves their memory and saves two casts per layer per step. Embeddings and norms stay fp32."""
     if precision not in ("bf16", "fp16"):
         return
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = precision_dtype(precision)
     for module in model.transformer.h.modules():
         if type(module) is torch.nn.Linear and not any(p.requires_grad for p in module.parameters()):
             module.to(dtype)

@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 
 from pocketlm import lora
-from pocketlm.checkpoint import save_model
 from pocketlm.classify.data import class_labels, encode_rows, label_ids, read_labelled, split_rows
 from pocketlm.classify.io import ClassifierInfo, ClassifierSaver, load_classifier, save_classifier
 from pocketlm.classify.metrics import classification_metrics
 from pocketlm.classify.model import attach_head, classifier_logits, hidden_states, pack_left, pad_batch
 from pocketlm.classify.train import ClassificationBatches, ClassificationObjective
 from pocketlm.errors import UserError
+from pocketlm.io import peft, save_model
 from pocketlm.model import GPT, ModelConfig
 from pocketlm.tokenizer import load_tokenizer
 
@@ -231,7 +231,7 @@ def test_lora_classifier_is_a_peft_adapter_with_the_head_in_modules_to_save(fami
     info = ClassifierInfo(labels=[0, 1], method="lora", pad_id=0)
     step = tmp_path / "step"
     step.mkdir()
-    ClassifierSaver(lora.LoraSaver(base_dir), info).save(model, tok, step)
+    ClassifierSaver(peft.LoraSaver(base_dir), info).save(model, tok, step)
     cfg = json.loads((step / "adapter" / "adapter_config.json").read_text())
     assert cfg["modules_to_save"] == ["score"] and cfg["task_type"] == "SEQ_CLS"
 
@@ -244,7 +244,7 @@ def test_lora_classifier_is_a_peft_adapter_with_the_head_in_modules_to_save(fami
     assert loaded_info.method == "lora"
     assert (_ours(loaded, ROWS, pad_id=0) - theirs).abs().max() < 1e-4
     with pytest.raises(UserError, match="classifier adapter"):  # a plain LM cannot take the head
-        lora.load_adapter(tiny(family), step / "adapter")
+        peft.load_adapter(tiny(family), step / "adapter")
 
 
 def test_transformers_classifier_loads_in_pocketlm(tmp_path):
@@ -332,7 +332,7 @@ def test_merge_folds_a_lora_classifier_into_a_transformers_classifier(tmp_path):
             m.lora_B.normal_(0, 0.2)
     step = tmp_path / "step"
     step.mkdir()
-    ClassifierSaver(lora.LoraSaver(base_dir), ClassifierInfo(labels=["no", "yes"], method="lora")).save(model, tok, step)
+    ClassifierSaver(peft.LoraSaver(base_dir), ClassifierInfo(labels=["no", "yes"], method="lora")).save(model, tok, step)
     main(["merge", str(step), "--out", str(tmp_path / "merged")])
     hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert (_hf_logits(hf_model, ROWS, 0) - _ours(model, ROWS, 0)).abs().max() < 1e-4

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pocketlm.checkpoint import save_model
 from pocketlm.cli import main
+from pocketlm.io import save_model
 from pocketlm.model import GPT, ModelConfig
 from pocketlm.tokenizer import load_tokenizer
 

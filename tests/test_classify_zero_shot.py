@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pocketlm.checkpoint import save_model
 from pocketlm.classify.data import read_labelled
 from pocketlm.cli import main
 from pocketlm.errors import UserError
 from pocketlm.eval.multiple_choice import Item, evaluate_multiple_choice
 from pocketlm.eval.zero_shot import PROBES, class_words, evaluate_zero_shot, get_probe
+from pocketlm.io import save_model
 from pocketlm.model import GPT, get_config
 from pocketlm.tokenizer import load_tokenizer
 

@@ -14,12 +14,12 @@ def test_parsing_the_command_line_does_not_import_torch():
 
 
 def test_cli_choices_match_the_library():
-    from pocketlm import finetune, gguf_export
+    from pocketlm import finetune, names
     from pocketlm.cli import export as export_cli
     from pocketlm.cli import finetune as finetune_cli
 
     assert finetune_cli.METHODS == finetune.METHODS
-    assert export_cli.GGUF_EXPORT_TYPES == gguf_export.GGUF_EXPORT_TYPES
+    assert export_cli.GGUF_EXPORT_TYPES == names.GGUF_EXPORT_TYPES
 
 
 def test_every_subcommand_has_help():

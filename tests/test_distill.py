@@ -178,8 +178,8 @@ def test_lora_student_with_a_teacher_through_the_cli(tiny_data, teacher_dir, tmp
 
 
 def test_teacher_with_another_tokenizer_is_a_one_line_error(tiny_data, tmp_path, capsys):
-    from pocketlm.checkpoint import save_model
     from pocketlm.cli import main
+    from pocketlm.io import save_model
     from pocketlm.model import GPT
     from pocketlm.tokenizer import Tokenizer, load_tokenizer
 

@@ -11,8 +11,8 @@ import pytest
 import sacrebleu
 import torch
 
-from pocketlm.checkpoint import save_model
 from pocketlm.cli import main
+from pocketlm.io import save_model
 from pocketlm.model import GPT, ModelConfig
 from pocketlm.tokenizer import load_tokenizer
 
@@ -107,8 +107,9 @@ def test_form_without_a_model(shared_data, tmp_path):
 
 
 def test_forgetting_with_an_adapter(model_dir, text_file, tmp_path):
-    from pocketlm.checkpoint import load_model
-    from pocketlm.lora import prepare_model, save_adapter
+    from pocketlm.io import load_model
+    from pocketlm.io.peft import save_adapter
+    from pocketlm.lora import prepare_model
 
     model, _ = load_model(model_dir)
     prepare_model(model, "lora", rank=2, alpha=4, dropout=0.0, targets="attn", base=str(model_dir))

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pocketlm import checkpoint, finetune, gguf_export
+from pocketlm import finetune
 from pocketlm.cli import main
 from pocketlm.data.prepare import prepare
+from pocketlm.io import gguf_write, load_model
 from pocketlm.model import GPT, ModelConfig
+from pocketlm.rundir import RunDir
 from pocketlm.tokenizer import Tokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -58,8 +60,8 @@ def test_full_finetune_of_a_hf_folder_runs_the_training_loop(tmp_path, gpt2_base
     assert summary["method"] == "full" and summary["base"] == str(gpt2_base) and summary["steps"] == 6
     assert summary["trainable_parameters"] == summary["parameters"]
 
-    tuned, tok = checkpoint.load_model(run)  # the run's best checkpoint is a model folder ...
-    base, _ = checkpoint.load_model(gpt2_base)
+    tuned, tok = load_model(run)  # the run's best checkpoint is a model folder ...
+    base, _ = load_model(gpt2_base)
     assert tok.identity == load_tokenizer("gpt2").identity == load_tokenizer(str(run)).identity
     assert tuned.lm_head.weight is tuned.transformer.wte.weight
     assert not torch.equal(tuned.transformer.wte.weight, base.transformer.wte.weight)
@@ -125,13 +127,13 @@ def test_a_quantized_gguf_base_trains_with_full_and_lora(tmp_path, tiny_text):
     torch.manual_seed(0)
     cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
                       n_embd=64, intermediate_size=128, bias=False, tokenizer="small")
-    base = gguf_export.write_gguf(GPT(cfg), tok, tmp_path / "base.gguf", dtype="q8_0")
+    base = gguf_write.write_gguf(GPT(cfg), tok, tmp_path / "base.gguf", dtype="q8_0")
     data = _prepare(tiny_text, tmp_path / "data", str(base))  # the GGUF's own tokenizer
     main(["finetune", "--base", str(base), "--data", str(data), "--method", "full", "--max-steps", "4",
           "--lr", "3e-3", "--eval-every", "2", "--out", str(tmp_path / "full"), *FLAGS])
     val = _rows(tmp_path / "full", "val_loss")
     assert val[-1] < val[0]
-    tuned, _ = checkpoint.load_model(tmp_path / "full")
+    tuned, _ = load_model(tmp_path / "full")
     assert all(p.dtype == torch.float32 for p in tuned.parameters())
 
     main(["finetune", "--base", str(base), "--data", str(data), "--method", "lora", "--rank", "4", "--targets",
@@ -139,13 +141,13 @@ def test_a_quantized_gguf_base_trains_with_full_and_lora(tmp_path, tiny_text):
     summary = json.loads((tmp_path / "lora" / "summary.json").read_text())
     assert summary["method"] == "lora" and summary["adapter"]["rank"] == 4
     assert summary["trainable_parameters"] < summary["parameters"] / 10
-    step = checkpoint.checkpoint_dir(tmp_path / "lora", "latest")
+    step = RunDir(tmp_path / "lora").checkpoint("latest")
     assert (step / "adapter" / "adapter_config.json").exists() and not (step / "model.safetensors").exists()
     assert load_tokenizer(str(tmp_path / "lora")).identity == tok.identity  # a run names its tokenizer
 
     main(["export", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")])  # the adapter folded in
-    adapted, _ = checkpoint.load_model(tmp_path / "lora")
-    merged, _ = checkpoint.load_model(tmp_path / "merged")
+    adapted, _ = load_model(tmp_path / "lora")
+    merged, _ = load_model(tmp_path / "merged")
     ids = torch.tensor([tok.encode("To be, or not to be")])
     with torch.no_grad():
         assert (adapted(ids)[0] - merged(ids)[0]).abs().max() < 1e-4

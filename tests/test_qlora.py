@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pocketlm import lora
-from pocketlm.checkpoint import load_model, save_model
 from pocketlm.cli import main
+from pocketlm.io import load_model, peft, save_model
 from pocketlm.model import GPT, ModelConfig
 from pocketlm.quant import NF4_LEVELS, NF4Linear, dequantize_nf4, quantize_nf4, quantized_bytes
 from pocketlm.tokenizer import load_tokenizer
@@ -143,7 +143,7 @@ def test_qlora_adapter_reloads_exactly_and_merges(tmp_path):
     lora.prepare_model(model, "qlora", 4, 8, 0.0, "attn+mlp", base=base)
     for m in lora.lora_modules(model).values():
         nn.init.normal_(m.lora_B, std=0.1)
-    lora.LoraSaver(base=base).save(model, None, tmp_path / "step")
+    peft.LoraSaver(base=base).save(model, None, tmp_path / "step")
     sidecar = json.loads((tmp_path / "step" / "adapter" / "pocketlm_adapter.json").read_text())
     assert sidecar["method"] == "qlora" and sidecar["quantization"] == {"type": "nf4", "block_size": 64}
 
@@ -151,7 +151,7 @@ def test_qlora_adapter_reloads_exactly_and_merges(tmp_path):
     model.eval()
     with torch.no_grad():
         expected = model(idx)[0]
-        reloaded, _ = lora.load_base_and_adapter(tmp_path / "step" / "adapter")
+        reloaded, _ = load_model(tmp_path / "step" / "adapter")
         assert torch.equal(reloaded(idx)[0], expected)  # the same NF4 base, rebuilt from the fp32 base
 
     from transformers import AutoModelForCausalLM

@@ -30,7 +30,7 @@ def tiny_llama(n_embd: int = 64, width: int = 128) -> GPT:
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
 
     return save_model(tiny_llama(), load_tokenizer("gpt2"), tmp_path_factory.mktemp("q") / "src")
 
@@ -118,7 +118,7 @@ def test_quantize_model_ties_head_to_int8_table_and_dequantizes_back():
 
 # -- folders ----------------------------------------------------------------------------------------
 def test_folders_load_everywhere_and_size_reflects_the_format(src, tmp_path):
-    from pocketlm.checkpoint import load_model
+    from pocketlm.io import load_model
 
     base, tok = load_model(src)
     idx = torch.tensor([tok.encode("To be, or not to be")])
@@ -157,7 +157,7 @@ def test_greedy_generation_on_every_format(src, tmp_path, fmt):
 
 
 def test_folder_round_trip_is_exact(src, tmp_path):
-    from pocketlm.checkpoint import load_model
+    from pocketlm.io import load_model
 
     model, tok = load_model(src)
     quantize_model(model, fm.QuantSpec("int4", scheme="asym"), progress=False)
@@ -173,7 +173,7 @@ def test_bad_input_is_one_line_and_writes_nothing(src, tmp_path):
     with pytest.raises(UserError, match="already int4"):
         quantize(tmp_path / "a", "int8", tmp_path / "b", progress=False)
     assert not (tmp_path / "b").exists()
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
 
     odd = save_model(tiny_llama(n_embd=48, width=96), load_tokenizer("gpt2"), tmp_path / "odd")
     with pytest.raises(UserError, match="does not divide the width 48"):
@@ -189,7 +189,7 @@ def test_bad_input_is_one_line_and_writes_nothing(src, tmp_path):
 
 
 def test_skip_keeps_layers_float(src, tmp_path):
-    from pocketlm.checkpoint import load_model
+    from pocketlm.io import load_model
 
     quantize(src, "int8", tmp_path / "s", skip="embeddings,mlp", progress=False)
     model, _ = load_model(tmp_path / "s")
@@ -201,7 +201,7 @@ def test_skip_keeps_layers_float(src, tmp_path):
 
 
 def test_gpt2_family_with_biases(tmp_path):
-    from pocketlm.checkpoint import load_model, save_model
+    from pocketlm.io import load_model, save_model
 
     torch.manual_seed(0)
     folder = save_model(GPT(get_config("gpt2-tiny")).eval(), load_tokenizer("gpt2"), tmp_path / "g")
@@ -246,8 +246,8 @@ def test_compression_table(src, tmp_path, tiny_text):
 
 @pytest.mark.parametrize("fmt,scheme,dtype", [("int8", "sym", "q8_0"), ("int4", "sym", "q4_0"), ("int4", "asym", "q4_1")])
 def test_gguf_export_copies_the_codes(src, tmp_path, fmt, scheme, dtype):
-    from pocketlm.checkpoint import load_model
     from pocketlm.cli.export import export
+    from pocketlm.io import load_model
 
     quantize(src, fmt, tmp_path / "q", scheme=scheme, progress=False)
     export(str(tmp_path / "q"), tmp_path / "m.gguf", dtype=dtype, fmt="gguf")

@@ -22,7 +22,7 @@ FLAGS = ["--device", "cpu", "--precision", "fp32", "--context", "32", "--micro-b
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(name="tiny-llama", family="llama", vocab_size=50257, block_size=64, n_layer=2, n_head=4,
@@ -49,10 +49,10 @@ def test_straight_through_gradient():
 
 
 def test_quantized_qat_run_has_the_last_fake_quantized_val_loss(base, tiny_data, tmp_path, one_thread):
-    from pocketlm.checkpoint import load_model
     from pocketlm.compress.api import quantize
     from pocketlm.compress.modules import set_compute_dtype
     from pocketlm.data.batches import Batches, TokenSplit
+    from pocketlm.io import load_model
     from pocketlm.train import evaluate_loss
 
     run = tmp_path / "qat"
@@ -101,9 +101,9 @@ def test_qat_bad_input():
 
 
 def test_lora_on_an_int4_folder_and_full_on_an_int8_folder(base, tiny_data, tmp_path, one_thread):
-    from pocketlm.checkpoint import load_model
     from pocketlm.compress.api import quantize
     from pocketlm.compress.modules import Int4Linear
+    from pocketlm.io import load_model
     from pocketlm.lora import LoraLinear
 
     quantize(base, "int4", tmp_path / "q4", progress=False)

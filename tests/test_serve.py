@@ -22,8 +22,8 @@ import openai
 import pytest
 import torch
 
-from pocketlm.checkpoint import save_model
 from pocketlm.generate import SamplingSettings, apply_presence_frequency_penalty, generate
+from pocketlm.io import save_model
 from pocketlm.model import GPT, ModelConfig
 from pocketlm.serve import start
 from pocketlm.serve.engine import wait_idle
@@ -285,8 +285,8 @@ def test_chat_without_a_template_is_a_clear_400(model, tok):
 
 
 def test_a_quantized_folder_serves_the_same_greedy_text_as_generate(tmp_path, tok):
-    from pocketlm.checkpoint import load_model
     from pocketlm.compress.api import quantize
+    from pocketlm.io import load_model
 
     save_model(_model("llama"), tok, tmp_path / "float")
     quantize(tmp_path / "float", "int8", tmp_path / "int8", progress=False)

@@ -18,7 +18,7 @@ from pocketlm.synth.store import RecordStore
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory) -> Path:
     """A gpt2-tiny model folder: random weights, so its samples are varied junk text."""
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
     from pocketlm.model import GPT
     from pocketlm.tokenizer import load_tokenizer
 

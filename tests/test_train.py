@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pocketlm import checkpoint as ckpt
 from pocketlm.cli import main
 from pocketlm.cli.pretrain import build_model
 from pocketlm.errors import UserError
+from pocketlm.io import folders, load_model
 from pocketlm.model import GPT
 from pocketlm.recipe import TrainConfig, load_recipe
+from pocketlm.rundir import RunDir
 from pocketlm.train import Trainer, lr_at, train
 
 SMALL = dict(model="gpt2-tiny", batch_tokens=256, micro_batch=4, context=32, eval_every=4, eval_batches=2,
@@ -45,7 +46,7 @@ def test_training_lowers_validation_loss_and_writes_a_run(tiny_data, tmp_path):
     assert {"step", "tokens", "train_loss", "lr", "tokens_per_s", "memory_bytes", "context"} <= set(row)
     assert summary["steps"] == 12 and summary["tokens"] == 12 * 256
     assert (tmp_path / "run" / "config.yaml").exists() and (tmp_path / "run" / "summary.json").exists()
-    model, _ = ckpt.load_model(tmp_path / "run")  # the best checkpoint is a loadable model folder
+    model, _ = load_model(tmp_path / "run")  # the best checkpoint is a loadable model folder
     assert model.config.name == "gpt2-tiny"
 
 
@@ -79,7 +80,7 @@ def test_crash_during_checkpoint_save_keeps_previous_checkpoint(tiny_data, tmp_p
     from pocketlm import train as train_module
 
     calls = {"n": 0}
-    real_write = ckpt.write_model_files
+    real_write = folders.write_model_files
 
     def write_then_crash(model, tokenizer, directory, metadata=None):
         calls["n"] += 1
@@ -87,13 +88,13 @@ def test_crash_during_checkpoint_save_keeps_previous_checkpoint(tiny_data, tmp_p
             (directory / "model.safetensors").write_bytes(b"partial")
             raise _Interrupt
         real_write(model, tokenizer, directory, metadata)
-    monkeypatch.setattr(train_module.ckpt, "write_model_files", write_then_crash)
+    monkeypatch.setattr(train_module.folders, "write_model_files", write_then_crash)
     with pytest.raises(_Interrupt):
         _train(_cfg(tiny_data, tmp_path / "run", max_steps=8, save_every=4, eval_every=4))
-    latest = ckpt.checkpoint_dir(tmp_path / "run", "latest")
+    latest = RunDir(tmp_path / "run").checkpoint("latest")
     assert latest is not None and latest.name == "step-0000004"
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best", "latest", "step-0000004"]
-    model, _ = ckpt.load_model(tmp_path / "run")
+    model, _ = load_model(tmp_path / "run")
     assert torch.isfinite(model.lm_head.weight).all()
 
 
@@ -102,7 +103,7 @@ def test_early_stopping_stops_after_patience(tiny_data, tmp_path):
     summary = _train(_cfg(tiny_data, tmp_path / "run", max_steps=40, lr=5.0, warmup_steps=0, eval_every=2,
                           patience=1, grad_clip=0.0))
     assert summary["stopped_early"] and summary["steps"] < 40
-    assert ckpt.checkpoint_dir(tmp_path / "run", "best") is not None
+    assert RunDir(tmp_path / "run").checkpoint("best") is not None
 
 
 def test_context_schedule_changes_sequence_length(tiny_data, tmp_path):

@@ -193,7 +193,7 @@ def test_adapter_settings_live_in_the_recipe_and_in_config_yaml(tiny_data, tmp_p
     assert "adapter" not in TrainConfig(method="full").to_dict()
 
     base = tmp_path / "base"
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
 
     save_model(_tiny_model(), load_tokenizer("gpt2"), base)
     run = tmp_path / "run"
@@ -221,7 +221,7 @@ def test_unset_context_and_batch_are_derived_consistently():
 
 def test_finetune_with_no_shape_flags_works_on_a_cpu_and_says_what_it_chose(tiny_data, tmp_path, capsys):
     """The newcomer's command: a base with an 8,192-token context, no --context/--batch-tokens."""
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
 
     base = tmp_path / "base"
     save_model(_tiny_model(block_size=8192), load_tokenizer("gpt2"), base)

@@ -85,7 +85,7 @@ def _patch_adapter(folder: Path, model) -> None:
     """Add the head to a PEFT adapter folder written by pocketlm.lora: modules_to_save + its weights."""
     from safetensors.torch import load_file, save_file
 
-    from pocketlm.lora import CONFIG_FILE, WEIGHTS_FILE
+    from pocketlm.io.peft import CONFIG_FILE, WEIGHTS_FILE
 
     config = json.loads((folder / CONFIG_FILE).read_text())
     config["task_type"] = "SEQ_CLS"
@@ -101,11 +101,11 @@ class ClassifierSaver:
     """The trainer's WeightSaver for classifiers: the method's own saver, plus the head and classifier.json."""
 
     def __init__(self, inner, info: ClassifierInfo) -> None:
-        self.inner = inner  # FullModelSaver (full, head) or lora.LoraSaver (lora, qlora)
+        self.inner = inner  # FullModelSaver (full, head) or pocketlm.io.peft.LoraSaver (lora, qlora)
         self.info = info
 
     def save(self, model, tokenizer, directory: Path) -> None:
-        from pocketlm.lora import ADAPTER_DIR, _unwrap_module
+        from pocketlm.io.peft import ADAPTER_DIR, _unwrap_module
 
         directory = Path(directory)
         model = _unwrap_module(model)
@@ -126,7 +126,7 @@ class ClassifierSaver:
 def save_classifier(model, tokenizer, directory: str | Path, info: ClassifierInfo) -> Path:
     """A standalone classifier folder (merged if it has LoRA layers): loads in transformers and pocketlm."""
     from pocketlm.atomic import AtomicDir
-    from pocketlm.checkpoint import write_model_files
+    from pocketlm.io.folders import write_model_files
 
     with AtomicDir(directory) as tmp:
         write_model_files(model, tokenizer, tmp)
@@ -154,7 +154,7 @@ def _info_from(folder: Path, config: dict | None) -> ClassifierInfo:
 
 def _adapter_info(folder: Path, adapter: Path) -> ClassifierInfo:
     """classifier.json beside the adapter, else (a PEFT-made SEQ_CLS adapter) the head's size in its weights."""
-    from pocketlm.lora import WEIGHTS_FILE
+    from pocketlm.io.peft import WEIGHTS_FILE
 
     for where in (folder, adapter):
         if (where / INFO_FILE).is_file():
@@ -173,7 +173,7 @@ def _adapter_info(folder: Path, adapter: Path) -> ClassifierInfo:
 
 
 def _step_folder(source: str | Path) -> Path:
-    from pocketlm.checkpoint import resolve_model_dir
+    from pocketlm.io.sources import resolve_model_dir
 
     return resolve_model_dir(source)
 
@@ -196,9 +196,9 @@ def load_classifier(source: str | Path, device: str | torch.device = "cpu", dtyp
     """(model with its head, tokenizer, ClassifierInfo) from a classify run, a checkpoint, a classifier
     model folder (pocketlm's or transformers' *ForSequenceClassification) or a LoRA classifier adapter
     (on `base` when given, else the base its adapter_config names)."""
-    from pocketlm import hf
-    from pocketlm.checkpoint import load_state_into, read_hf_weights
-    from pocketlm.lora import ADAPTER_DIR, CONFIG_FILE, load_adapter, read_adapter_config
+    from pocketlm.io import hf
+    from pocketlm.io.folders import load_state_into, read_hf_weights
+    from pocketlm.io.peft import ADAPTER_DIR, CONFIG_FILE, load_adapter, read_adapter_config
     from pocketlm.model import GPT
     from pocketlm.tokenizer import load_tokenizer
 
@@ -206,7 +206,7 @@ def load_classifier(source: str | Path, device: str | torch.device = "cpu", dtyp
     adapter = folder / ADAPTER_DIR if (folder / ADAPTER_DIR / CONFIG_FILE).is_file() else \
         folder if (folder / CONFIG_FILE).is_file() else None
     if adapter is not None and not (folder / "config.json").is_file():
-        from pocketlm.checkpoint import load_model
+        from pocketlm.io import load_model
 
         info = _adapter_info(folder, adapter)
         base = base or read_adapter_config(adapter).get("base_model_name_or_path") or info.base

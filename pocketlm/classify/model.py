@@ -4,7 +4,7 @@ sequence's last real token (Hugging Face's *ForSequenceClassification design, wh
 The head is attached to the GPT itself as `model.score` (nn.Linear(n_embd, num_labels, bias=False),
 as transformers' `score`), so everything that handles a GPT handles a classifier too: LoRA wrapping,
 the trainer's optimizer and frozen-weight storage, checkpoint savers (`score.weight` passes through
-`pocketlm.hf`'s renaming unchanged, which is the name transformers expects).
+`pocketlm.io.hf`'s renaming unchanged, which is the name transformers expects).
 
 Padding: the last real token is found from the attention mask, never from a pad token id, so padding
 that equals end-of-text (or a text that contains it) is handled. Rows are packed to the left first

@@ -99,7 +99,7 @@ def _close_progress_bars() -> None:
 def _fail(command: str, message: str, status: int = 2) -> None:
     _close_progress_bars()
     sys.stdout.flush()
-    print(f"pocketlm {command}: {message}", file=sys.stderr)
+    print(f"pocketlm {command}: {message}" if command else f"pocketlm: {message}", file=sys.stderr)
     sys.exit(status)
 
 
@@ -110,8 +110,12 @@ def main(argv: list[str] | None = None) -> None:
         except UserError as exc:
             print(f"pocketlm: error: {exc}", file=sys.stderr)
             sys.exit(2)
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting up: no traceback either
+        command = next(iter(argv if argv is not None else sys.argv[1:]), "")
+        _fail(command if command in COMMAND_MODULES else "", "interrupted", 130)
     if unknown:  # said by the subcommand's parser, so the line names the command: `pocketlm CMD: error:`
         sub = _subparser(parser, getattr(args, "command", None))
         (sub or parser).error(f"unrecognized arguments: {' '.join(unknown)}")

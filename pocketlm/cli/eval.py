@@ -278,10 +278,10 @@ def _baseline_distance(model, base, tokenizer, base_tok, args: argparse.Namespac
 
 
 def _load(source: str, device):
-    from pocketlm.checkpoint import load_model
+    from pocketlm.io import load_model
 
     print(f"pocketlm eval: loading {source}", file=sys.stderr)
-    return load_model(source, device)
+    return load_model(source, device=device)
 
 
 def _data_files(args: argparse.Namespace) -> list[Path]:
@@ -298,7 +298,7 @@ def _data_files(args: argparse.Namespace) -> list[Path]:
     return files
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:  # long: becomes a library evaluate() in the next step
     from dataclasses import asdict
 
     from pocketlm.eval import report as rep
@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> None:
         elif args.forgetting:
             before, _ = _probe(model.to(device), tokenizer, args, items, zero)
         if args.adapter is not None:
-            from pocketlm.lora import find_adapter_folder, load_adapter
+            from pocketlm.io.peft import find_adapter_folder, load_adapter
 
             model.to("cpu")
             info = load_adapter(model, find_adapter_folder(args.adapter))

@@ -72,17 +72,11 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--adapter {args.adapter} is not a folder: give the adapter folder a LoRA run saved")
     prompt = _read_prompt(args)
 
-    from pocketlm.checkpoint import load_model
     from pocketlm.device import pick_device
+    from pocketlm.io import load_model
 
     device = pick_device(args.device)
-    model, tokenizer = load_model(args.source, device)
-    if args.adapter is not None:
-        from pocketlm.lora import load_adapter  # only LoRA users pay for importing it
-
-        load_adapter(model, args.adapter)  # wraps the target layers in place
-        model.to(device)  # the adapter's weights may have been created on the CPU
-    model.eval()
+    model, tokenizer = load_model(args.source, adapter=args.adapter, device=device)
     if not prompt:
         print("pocketlm generate: no prompt given: sampling unconditionally", file=sys.stderr)
 
@@ -108,7 +102,7 @@ def run(args: argparse.Namespace) -> None:
     if args.json is not None:
         from dataclasses import asdict
 
-        from pocketlm.checkpoint import atomic_write_json
+        from pocketlm.atomic import atomic_write_json
 
         atomic_write_json(args.json, {
             "source": str(args.source),

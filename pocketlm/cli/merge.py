@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from pocketlm import lora
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import load_model, peft, save_model
 
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
@@ -42,15 +42,15 @@ def run(args: argparse.Namespace) -> None:
     from pocketlm.atomic import check_output_dir
 
     check_output_dir(out, "--out")
-    folder = lora.find_adapter_folder(args.source)
-    if lora.read_adapter_config(folder).get("modules_to_save"):  # a LoRA classifier: head + merged base
+    folder = peft.find_adapter_folder(args.source)
+    if peft.read_adapter_config(folder).get("modules_to_save"):  # a LoRA classifier: head + merged base
         from pocketlm.classify.io import merge_classifier
 
         info = merge_classifier(folder, out, base=args.base)
         print(f"merged LoRA classifier {folder} ({info.num_labels} classes) -> {out} "
               "(AutoModelForSequenceClassification loads it)")
         return
-    model, tokenizer = lora.load_base_and_adapter(folder, base=args.base)
+    model, tokenizer = load_model(args.base or peft.adapter_base(folder), adapter=folder)
     meta = dict(getattr(model, "_pocketlm_lora", {}))
     base = args.base or meta.get("base")
     layers = len(lora.lora_modules(model))

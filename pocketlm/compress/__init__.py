@@ -4,5 +4,5 @@ folders, quantization-aware training and the compression table.
 Modules: `formats` (the arithmetic), `modules` (quantized layers), `convert` (swap layers in a model),
 `folder` (the on-disk format), `api` (`quantize`, the library call behind `pocketlm quantize`), `qat`
 (fake quantization for fine-tuning), `table` (one folder per format plus a table of what each cost).
-Nothing is imported here, so `pocketlm.checkpoint` can reach `compress.folder` without loading the rest.
+Nothing is imported here, so `pocketlm.io.folders` can reach `compress.folder` without loading the rest.
 """

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from pocketlm import checkpoint
 from pocketlm.compress import folder as qfolder
 from pocketlm.compress import formats as fm
 from pocketlm.compress.convert import dequantize_model, is_quantized, quantize_model
 from pocketlm.errors import UserError
+from pocketlm.io import load_model, save_model
+from pocketlm.io.sources import resolve_model_dir
 
 
 def source_format(source: str | Path) -> str | None:
@@ -33,7 +34,7 @@ def qat_record(source: str | Path) -> dict | None:
     path = Path(str(source)).expanduser()
     if not path.exists() or path.is_file():
         return None
-    step = checkpoint.resolve_model_dir(path)
+    step = resolve_model_dir(path)
     qat = step / "qat.json"
     return json.loads(qat.read_text()) if qat.is_file() else None
 
@@ -63,7 +64,7 @@ def make_spec(fmt: str, group_size: int | None, scheme: str | None, skip, qat: d
 
 def load_float_model(source: str | Path):
     """Any source as a float32 model (quantized folders dequantized, LoRA adapters merged) + tokenizer."""
-    model, tokenizer = checkpoint.load_model(str(source), device="cpu")
+    model, tokenizer = load_model(str(source), device="cpu")
     if is_quantized(model):
         model = dequantize_model(model)
     if any("lora_" in name for name, _ in model.named_parameters()):
@@ -92,7 +93,7 @@ def quantize(source: str | Path, fmt: str, out: str | Path, *, group_size: int |
     record = quantize_model(model, spec, progress=progress)
     meta = {"source": str(source), **({"qat": qat} if qat else {})}
     if spec.format in fm.FLOAT_FORMATS:
-        checkpoint.save_model(model, tokenizer, out, metadata={"quantization": record, **meta})
+        save_model(model, tokenizer, out, metadata={"quantization": record, **meta})
         weights = out / "model.safetensors"
     else:
         qfolder.write_quantized(model, tokenizer, out, record, metadata=meta)
@@ -113,4 +114,4 @@ def describe(result: dict) -> str:
 
 def load(source: str | Path, device: str | torch.device = "cpu"):
     """Any model source, quantized folders on their kernels (a notebook's one call)."""
-    return checkpoint.load_model(str(source), device=device)
+    return load_model(str(source), device=device)

@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from pocketlm import hf
 from pocketlm.atomic import AtomicDir
 from pocketlm.compress import formats as fm
 from pocketlm.compress.modules import FP8Linear, Int4Linear, Int8Embedding, Int8Linear, mark_head
 from pocketlm.errors import UserError
+from pocketlm.io import hf
 from pocketlm.model import GPT
 from pocketlm.quant import NF4Linear
 from pocketlm.tokenizer import Tokenizer, load_tokenizer
@@ -57,6 +57,19 @@ def float_format_dtype(folder: str | Path) -> torch.dtype | None:
     """The dtype a float-format folder (fp64/fp16/bf16 from `pocketlm quantize`) loads in, else None."""
     fmt = (read_info(folder).get("quantization") or {}).get("format")
     return fm.FLOAT_FORMATS.get(fmt)
+
+
+def is_float_format_folder(folder: str | Path) -> bool:
+    """A folder `pocketlm quantize --format fp16|bf16|fp64` wrote: plain weights, loaded in that dtype."""
+    return Path(folder).is_dir() and float_format_dtype(folder) is not None
+
+
+def load_float_format(folder: str | Path, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+    """A float-format folder as a plain model folder, in its recorded dtype unless `dtype` says otherwise."""
+    from pocketlm.io.folders import load_plain_folder
+
+    return load_plain_folder(folder, device=device, dtype=dtype or float_format_dtype(folder))
 
 
 def folder_bytes(folder: str | Path) -> int:

@@ -71,7 +71,7 @@ def quantized_tensors(model: nn.Module, dtype: str) -> list[tuple[str, np.ndarra
     """(GGUF name, data, GGML type) for every tensor of a quantized pocketlm model."""
     import gguf
 
-    from pocketlm.gguf_import import permute_qk, pocketlm_to_gguf_name
+    from pocketlm.io.gguf import permute_qk, pocketlm_to_gguf_name
 
     _check(model, dtype)
     cfg = model.config
@@ -108,7 +108,7 @@ def quantized_tensors(model: nn.Module, dtype: str) -> list[tuple[str, np.ndarra
 
 
 def export_quantized_gguf(model: nn.Module, tokenizer, path, dtype: str):
-    from pocketlm.gguf_export import write_gguf
+    from pocketlm.io.gguf_write import write_gguf
 
     tensors = quantized_tensors(model, dtype)  # every check before the file is opened
     return write_gguf(model, tokenizer, path, dtype=dtype, tensors=tensors)

@@ -33,8 +33,8 @@ def _formats(text: str) -> list[str]:
 
 def speed(folder: str | Path, new_tokens: int, prompt_tokens: int = PROMPT_TOKENS) -> dict:
     """Prefill and decode tokens/s of a model folder at batch 1 (greedy, no end-of-text), in this process."""
-    from pocketlm.checkpoint import load_model
     from pocketlm.generate import SamplingSettings, generate_tokens
+    from pocketlm.io import load_model
 
     model, _ = load_model(str(folder))
     g = torch.Generator().manual_seed(0)
@@ -69,10 +69,10 @@ def compression_table(source: str, formats: str, out: str | Path, *, eval_text: 
                       ) -> list[dict]:
     """Quantize SOURCE to every format under OUT/<format>/ and measure each; returns the rows."""
     from pocketlm.atomic import atomic_write_json
-    from pocketlm.checkpoint import load_model
     from pocketlm.compress.api import check_out, quantize
     from pocketlm.eval.compare import compare_on_text
     from pocketlm.eval.likelihood import evaluate_text, read_text_file
+    from pocketlm.io import load_model
 
     names = _formats(formats)
     if eval_text is None:

@@ -218,7 +218,7 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
             column: str | None = None, workers: int = DEFAULT_WORKERS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             min_val_tokens: int = DEFAULT_MIN_VAL_TOKENS, progress: bool | None = None,
             log: Callable[[str], None] = _stderr, piece_chars: int = PIECE_CHARS,
-            chunk_chars: int = CHUNK_CHARS) -> dict:
+            chunk_chars: int = CHUNK_CHARS) -> dict:  # long: one streaming pass whose stages share state
     """Tokenize SOURCE into DIR (= out): shards, tokenizer files, manifest.json. Returns the manifest."""
     if val_fraction is not None and val_documents is not None:
         raise UserError("give --val-fraction or --val-documents, not both")

@@ -66,14 +66,14 @@ def _device(model) -> torch.device:
 def model_size_bytes(source: str | Path) -> int | None:
     """Size on disk of a model source's weights and files: a folder (a run's checkpoint without its trainer
     state), a .gguf file, or a built-in base's file; None where no file stands for it (a Hub id)."""
-    from pocketlm import hf
-    from pocketlm.checkpoint import resolve_model_dir
+    from pocketlm.io.builtins import BUILTIN_BASES
+    from pocketlm.io.sources import resolve_model_dir, resolve_source
 
     path = Path(str(source)).expanduser()
     if not path.exists():
         try:
-            kind, resolved = hf.resolve_source(str(source))
-            path = hf._builtin_gguf(str(source)) if kind == "builtin" else resolved
+            kind, resolved = resolve_source(str(source))
+            path = BUILTIN_BASES[str(source)][0]() if kind == "builtin" else resolved
         except UserError:
             return None
         if path is None:

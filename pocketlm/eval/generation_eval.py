@@ -98,7 +98,7 @@ def evaluate_generation(model, tokenizer, rows: list[dict], settings, *, form: F
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    from pocketlm.checkpoint import atomic_write_text
+    from pocketlm.atomic import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 

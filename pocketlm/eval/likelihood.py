@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pocketlm.device import model_device
 from pocketlm.errors import UserError
 
 DEFAULT_MAX_CONTEXT = 2048  # default window: the model's context, capped (long contexts are slow on CPU)
@@ -67,10 +68,6 @@ def sliding_windows(n_targets: int, context: int, stride: int) -> list[tuple[int
     return windows
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _autocast(device: torch.device, precision: str | None):
     from pocketlm.device import autocast
 
@@ -111,7 +108,7 @@ def score_tokens(model, tokens, *, prefix: int | None = None, context: int | Non
         seq = torch.cat([torch.tensor([prefix], dtype=torch.long), seq])
     n_targets = max(0, seq.numel() - 1)
     windows = sliding_windows(n_targets, context, stride)
-    device = _model_device(model)
+    device = model_device(model)
     batch_size = batch_size or default_batch_size(context, device)
     nll = torch.empty(n_targets, dtype=torch.float64)
     was_training = model.training

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from pocketlm.device import model_device
 from pocketlm.errors import UserError
 from pocketlm.eval.jsonl import jsonl_rows
-from pocketlm.eval.likelihood import _autocast, _model_device, model_context, start_token
+from pocketlm.eval.likelihood import _autocast, model_context, start_token
 
 
 @dataclass
@@ -86,7 +87,7 @@ def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]], *,
                           context: int | None = None, precision: str | None = None) -> list[float]:
     """Summed log-probability of each continuation given its context: [(ctx_ids, cont_ids)] -> [float]."""
     max_len = model_context(model, context)
-    device = _model_device(model)
+    device = model_device(model)
     prepared = []
     for ctx, cont in requests:
         if not cont:

@@ -12,7 +12,7 @@ import hashlib
 import math
 from pathlib import Path
 
-from pocketlm.checkpoint import atomic_write_json
+from pocketlm.atomic import atomic_write_json
 
 FORMAT = "pocketlm.eval.v1"
 

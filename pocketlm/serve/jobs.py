@@ -23,7 +23,7 @@ class TokenText:
     """A token's text and exact bytes, for logprobs (byte-level BPE tokens map back to bytes)."""
 
     def __init__(self, tokenizer) -> None:
-        from pocketlm.gguf_import import _byte_spelling
+        from pocketlm.io.gguf import _byte_spelling
 
         self.tokenizer = tokenizer
         self._bytes_of = {c: b for b, c in _byte_spelling().items()}

@@ -25,23 +25,9 @@ def load(source: str, adapter: str | Path | None = None, device: str = "auto"):
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(f"--adapter {adapter} is not a folder: give the adapter folder a LoRA run saved")
     dev = pick_device(device)
-    try:  # the one loader (pocketlm.io) where this version has it
-        from pocketlm.io import load_model as io_load_model
-    except ModuleNotFoundError as exc:
-        if exc.name != "pocketlm.io":
-            raise
-        io_load_model = None
-    if io_load_model is not None:
-        model, tokenizer = io_load_model(source, adapter=adapter, device=dev)
-        return model.eval(), tokenizer, dev
-    from pocketlm.checkpoint import load_model
+    from pocketlm.io import load_model
 
-    model, tokenizer = load_model(source, dev)
-    if adapter is not None:
-        from pocketlm.lora import load_adapter
-
-        load_adapter(model, Path(adapter))
-        model.to(dev)
+    model, tokenizer = load_model(source, adapter=adapter, device=dev)
     return model.eval(), tokenizer, dev
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -21,6 +23,7 @@ from pathlib import Path
 from pocketlm.atomic import atomic_write_json
 from pocketlm.errors import UserError
 from pocketlm.study import knobs as K
+from pocketlm.study.knobs import resolve_base
 
 CELL_FILE = "cell.json"
 DATA_DIR = "_data"
@@ -40,14 +43,9 @@ def _file_lock(path: Path):
 
 def load_model(source, device="cpu"):
     """Any model source (run directory, folder, base name) as (model, tokenizer)."""
-    from pocketlm.checkpoint import load_model as _load
+    from pocketlm.io import load_model as _load
 
-    return _load(source, device)
-
-
-def resolve_base(knobs: dict, study_dir: Path) -> str:
-    base = str(knobs["base"])
-    return str(study_dir / base[5:]) if base.startswith("cell:") else base
+    return _load(source, device=device)
 
 
 def cell_tokenizer(knobs: dict, study_dir: Path):
@@ -126,7 +124,6 @@ def _latest_step(run: Path) -> int:
 def _train_then_exit(knobs: dict, data_dir: str, run: str, parent: int, threads: int) -> None:
     import torch
 
-    from pocketlm.study.executors import _watch_parent
 
     _watch_parent(parent)
     torch.set_num_threads(threads)  # the same reductions as the resumed half: losses equal to the bit
@@ -208,9 +205,9 @@ def size_on_disk(source: Path) -> int | None:
     if source.is_file():
         return source.stat().st_size
     if not source.is_dir():  # a built-in base name
-        from pocketlm.hf import BUILTIN_BASES, _builtin_gguf
+        from pocketlm.io.builtins import BUILTIN_BASES
 
-        return _builtin_gguf(str(source)).stat().st_size if str(source) in BUILTIN_BASES else None
+        return BUILTIN_BASES[str(source)][0]().stat().st_size if str(source) in BUILTIN_BASES else None
     step = RunDir(source).checkpoint("best") or RunDir(source).checkpoint("latest") or source
     return sum(p.stat().st_size for p in step.rglob("*.safetensors"))
 
@@ -290,3 +287,18 @@ def read_cell_row(run: Path) -> dict | None:
         return json.loads(path.read_text())["row"]
     except (json.JSONDecodeError, KeyError):
         return None
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """End this worker when the study process is gone (killed with -9: nothing else would stop us)."""
+    def loop() -> None:
+        while True:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            if os.getppid() == 1 and parent_pid != 1:
+                os._exit(1)
+            time.sleep(0.2)
+
+    threading.Thread(target=loop, daemon=True, name="study-parent-watch").start()

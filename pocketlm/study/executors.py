@@ -10,29 +10,12 @@ import multiprocessing
 import os
 import signal
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pocketlm.errors import UserError
 
 OnResult = Callable[[dict, dict], None]  # (payload, row)
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """End this worker when the study process is gone (killed with -9: nothing else would stop us)."""
-    def loop() -> None:
-        while True:
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                os._exit(1)
-            if os.getppid() == 1 and parent_pid != 1:
-                os._exit(1)
-            time.sleep(0.2)
-
-    threading.Thread(target=loop, daemon=True, name="study-parent-watch").start()
 
 
 def cell_in_this_process(payload: dict) -> dict:
@@ -55,6 +38,8 @@ def cell_in_this_process(payload: dict) -> dict:
 
 
 def _child(payload: dict, conn, parent_pid: int) -> None:
+    from pocketlm.study.cell import _watch_parent
+
     _watch_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the study, which ends us
     row = cell_in_this_process(payload)
@@ -90,7 +75,7 @@ class LocalExecutor:
                                              "pocketlm.train", "pocketlm.finetune", "pocketlm.lora",
                                              "pocketlm.data.prepare", "pocketlm.generate",
                                              "pocketlm.eval.likelihood", "pocketlm.eval.generation_eval",
-                                             "pocketlm.eval.multiple_choice", "pocketlm.hf"])
+                                             "pocketlm.eval.multiple_choice", "pocketlm.io.sources"])
             # Torch imports once, here (a no-op worker waits for the server's imports), not in a cell's time.
             warm = self.ctx.Process(target=_noop)
             warm.start()

@@ -11,16 +11,18 @@ Post-training knobs (quantization format, QAT) are registered by the compression
 from __future__ import annotations
 
 import math
+import os
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from pocketlm.errors import UserError
+from pocketlm.names import ADAPTER_METHODS, TRAIN_METHODS
 from pocketlm.recipe import TrainConfig
 
-METHODS = ("pretrain", "full", "lora", "qlora", "none")  # none: no training, the base itself (then post-trained)
-TRAINED = ("pretrain", "full", "lora", "qlora")
-ADAPTER_METHODS = ("lora", "qlora")
+METHODS = (*TRAIN_METHODS, "none")  # none: no training, the base itself (then post-trained)
+TRAINED = TRAIN_METHODS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Run-directory plumbing the engine owns: not knobs.
 _NOT_KNOBS = {"out", "resume", "data", "model", "adapter"}  # adapter: the rank/alpha/... knobs below
@@ -207,7 +209,7 @@ def check_cell(knobs: dict) -> None:
 def _check_base(base: str) -> None:
     from pathlib import Path
 
-    from pocketlm.hf import BUILTIN_BASES
+    from pocketlm.io.builtins import BUILTIN_BASES
 
     if base.startswith("cell:") or base in BUILTIN_BASES or Path(base).expanduser().exists():
         return
@@ -234,3 +236,22 @@ def to_train_config(knobs: dict, *, data: str, out: str, resume: bool = False) -
         cfg.adapter = AdapterConfig(rank=knobs["rank"], alpha=knobs["alpha"], dropout=knobs["lora_dropout"],
                                     targets=knobs["targets"])
     return cfg
+
+
+def expand_path(value: str, here: Path) -> str:
+    """Environment variables expanded; a relative path is relative to the study file."""
+    text = os.path.expandvars(str(value))
+    if "$" in text:
+        var = text[text.index("$"):].split("/")[0]
+        raise UserError(f"{var} is not set: export it (e.g. POCKETLM_SHARED_DATA=/path/to/shared/data) or pass "
+                        "--data PATH")
+    p = Path(text).expanduser()
+    if text == "shakespeare":
+        return text
+    return str(p if p.is_absolute() else (here / p))
+
+
+def resolve_base(knobs: dict, study_dir: Path) -> str:
+    """A cell's base: `cell:NAME` is another cell's run directory in the study folder."""
+    base = str(knobs["base"])
+    return str(study_dir / base[5:]) if base.startswith("cell:") else base

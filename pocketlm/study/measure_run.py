@@ -42,13 +42,14 @@ def _settings(sampling: dict, options: dict | None = None, **defaults):
 
 def measure_cell(payload: dict, cell: dict, source: Path, data_dir: Path) -> dict:
     """The cell's measures on the model at `source` (its run directory, or its quantized folder)."""
-    from pocketlm.study.cell import load_model, resolve_base
+    from pocketlm.io import load_model
+    from pocketlm.study.knobs import resolve_base
 
     measures: dict = payload["measures"]
     run = Path(payload["study_dir"]) / cell["id"]
     cache_path = run / MEASURES_FILE
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    model, tokenizer = load_model(source, _device(cell))
+    model, tokenizer = load_model(source, device=_device(cell))
     model.eval()
     base = resolve_base(cell["knobs"], run.parent) if cell["knobs"]["method"] != "pretrain" else None
     if base is not None and str(Path(base)) == str(source):
@@ -167,7 +168,7 @@ def _probe(model, tokenizer, text: str, max_tokens: int) -> float:
 
 def _forgetting(model, tokenizer, options, payload, run, data_dir, base) -> dict:
     """Bits per byte on general text, after minus before (positive: the cell forgot)."""
-    from pocketlm.study.cell import load_model
+    from pocketlm.io import load_model
 
     if base is None:
         return {"forgetting_bpb": None}
@@ -178,7 +179,7 @@ def _forgetting(model, tokenizer, options, payload, run, data_dir, base) -> dict
     if cached.exists():
         before = json.loads(cached.read_text())["bits_per_byte"]
     else:
-        base_model, base_tok = load_model(base, next(model.parameters()).device)
+        base_model, base_tok = load_model(base, device=next(model.parameters()).device)
         before = _probe(base_model.eval(), base_tok, text, max_tokens)
         del base_model
         atomic_write_json(cached, {"base": base, "bits_per_byte": before})
@@ -189,12 +190,12 @@ def _forgetting(model, tokenizer, options, payload, run, data_dir, base) -> dict
 def _kl(model, tokenizer, options, payload, run, data_dir, base) -> dict:
     """Mean KL(base || cell) per token over the first validation tokens: how far the cell moved."""
     from pocketlm.eval.likelihood import load_split_tokens
-    from pocketlm.study.cell import load_model
+    from pocketlm.io import load_model
 
     if base is None:
         return {"kl_from_base": None}
     device = next(model.parameters()).device
-    base_model, _ = load_model(base, device)
+    base_model, _ = load_model(base, device=device)
     base_model.eval()
     tokens, _ = load_split_tokens(data_dir, "val", int(options.get("max_tokens") or 4096))
     context = min(256, model.config.block_size, base_model.config.block_size)

@@ -51,7 +51,7 @@ def quality_columns(measures: dict) -> list[str]:
 
 def parse_measures(study, raw, here: Path) -> dict:
     """{name: options} from `measures:` (names, or one-key mappings of a name to its options)."""
-    from pocketlm.study.spec import expand_path
+    from pocketlm.study.knobs import expand_path
 
     if not raw:
         raise UserError(f"{study.where('measures')}: list what to measure, e.g. measures: [val_loss, "

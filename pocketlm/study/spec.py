@@ -9,13 +9,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pocketlm.errors import UserError
 from pocketlm.study import knobs as K
 from pocketlm.study import yamlines
+from pocketlm.study.knobs import expand_path
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 TOP_KEYS = {"study", "description", "claims", "recipe", "data", "base", "axes", "exclude", "repeats",
@@ -170,19 +170,6 @@ def _quality_names(study: Study) -> list[str]:
     from pocketlm.study.measures import quality_columns
 
     return quality_columns(study.measures)
-
-
-def expand_path(value: str, here: Path) -> str:
-    """Environment variables expanded; a relative path is relative to the study file."""
-    text = os.path.expandvars(str(value))
-    if "$" in text:
-        var = text[text.index("$"):].split("/")[0]
-        raise UserError(f"{var} is not set: export it (e.g. POCKETLM_SHARED_DATA=/path/to/shared/data) or pass "
-                        "--data PATH")
-    p = Path(text).expanduser()
-    if text == "shakespeare":
-        return text
-    return str(p if p.is_absolute() else (here / p))
 
 
 def _parse_data(study: Study, data: dict, here: Path) -> dict:

@@ -43,7 +43,7 @@ def corpus(tmp_path_factory, tiny_text) -> Path:
 @pytest.fixture(scope="session")
 def base(tmp_path_factory, tiny_text) -> Path:
     """A 2-layer llama model folder with its own 512-token tokenizer."""
-    from pocketlm.checkpoint import save_model
+    from pocketlm.io import save_model
     from pocketlm.model import GPT, ModelConfig
 
     tok = small_tokenizer(tiny_text.read_text())

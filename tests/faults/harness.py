@@ -38,10 +38,10 @@ def run_inprocess(argv: list[str], capsys=None) -> Result:
     import contextlib
     import io
 
-    from pocketlm import tokenizer
     from pocketlm.cli import main
+    from pocketlm.io import builtins
 
-    tokenizer._cache.clear()  # a file corrupted since the last call must be read again
+    builtins.clear_cache()  # a file corrupted since the last call must be read again
     out, err = io.StringIO(), io.StringIO()
     if capsys is not None:
         capsys.readouterr()

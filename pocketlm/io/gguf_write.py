@@ -1,6 +1,6 @@
 """pocketlm model + tokenizer -> a GGUF file (`pocketlm export --format gguf`), for llama.cpp and friends.
 
-The inverse of pocketlm/gguf_import.py: the same tensor names and query/key permutation, written with the
+The inverse of pocketlm/io/gguf.py: the same tensor names and query/key permutation, written with the
 `gguf` package's GGUFWriter, optionally quantized (q8_0, q4_0, ...).
 """
 
@@ -12,9 +12,10 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from pocketlm.atomic import disk_full_error
 from pocketlm.errors import UserError
-from pocketlm.gguf_import import permute_qk, pocketlm_to_gguf_name
+from pocketlm.io.gguf import permute_qk, pocketlm_to_gguf_name
+from pocketlm.io.tokenizers import Tokenizer
 from pocketlm.model import GPT
-from pocketlm.tokenizer import Tokenizer
+from pocketlm.names import GGUF_EXPORT_TYPES  # noqa: F401 (the types write_gguf takes)
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -32,12 +33,10 @@ def _gguf_pre_name(backend: HFTokenizer) -> str:
                     "GGUF export supports GPT-2-style and SmolLM-style byte-level BPE tokenizers; use --format hf")
 
 
-GGUF_EXPORT_TYPES = ("fp32", "fp16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-
-
 def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = "fp32", tensors=None) -> Path:
     """Write a GGUF file llama.cpp and transformers load: metadata, byte-level BPE tokenizer, weights in
-    fp32, fp16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (1-D tensors stay fp32, as llama.cpp expects)."""
+    fp32, fp16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (1-D tensors stay fp32, as llama.cpp expects).
+    `tensors`: (GGUF name, data, type) triples already in GGUF blocks, written instead of the model's weights."""
     import json
 
     import gguf
@@ -64,6 +63,34 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), cfg.family)
+    _add_architecture(writer, cfg, file_type)
+    _add_tokenizer(writer, tokenizer, cfg, model_json)
+    if tensors is not None:  # already in GGUF blocks (pocketlm.compress.gguf: quantized folders, losslessly)
+        for gguf_name, data, kind in tensors:
+            writer.add_tensor(gguf_name, data, raw_dtype=kind)
+    else:
+        _add_tensors(writer, model, dtype, qtype)
+    try:
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        tmp.replace(path)  # a crash never leaves a half-written file under the final name
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        full = disk_full_error(exc, path)
+        if full is not None:
+            raise full from exc
+        raise
+    return path
+
+
+def _add_architecture(writer, cfg, file_type) -> None:
+    """The hyper-parameters llama.cpp reads (general.*, <family>.*)."""
+    import gguf
+
     writer.add_type("model")
     writer.add_name(cfg.name)
     writer.add_file_type(file_type)
@@ -82,7 +109,12 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = 
     else:
         writer.add_layer_norm_eps(cfg.norm_eps)
 
-    # Tokenizer: every embedding row gets a token; rows past the tokenizer are llama.cpp's [PADn] (unused).
+
+def _add_tokenizer(writer, tokenizer: Tokenizer, cfg, model_json: dict) -> None:
+    """Byte-level BPE vocabulary, token types and merges."""
+    import gguf
+
+    # Every embedding row gets a token; rows past the tokenizer are llama.cpp's [PADn] (unused).
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     by_id = {i: t for t, i in vocab.items()}
     added = {a.content: a for a in tokenizer.backend.get_added_tokens_decoder().values()}
@@ -108,10 +140,13 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = 
         writer.add_bos_token_id(bos)
     writer.add_add_bos_token(False)
 
-    if tensors is not None:  # already in GGUF blocks (pocketlm.compress.gguf: quantized folders, losslessly)
-        for gguf_name, data, kind in tensors:
-            writer.add_tensor(gguf_name, data, raw_dtype=kind)
-    for name, tensor in ({} if tensors is not None else model.state_dict()).items():
+
+def _add_tensors(writer, model: GPT, dtype: str, qtype) -> None:
+    """Every weight under its GGUF name, query/key rows permuted as llama.cpp expects, quantized to qtype."""
+    import gguf
+
+    cfg = model.config
+    for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings and cfg.family == "llama":
             continue  # llama.cpp reuses token_embd when output.weight is absent
         array = tensor.detach().float().cpu().numpy()
@@ -124,18 +159,3 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = 
             kind = gguf.GGMLQuantizationType.F16  # these quantized blocks are 32 values wide
         data = array if kind == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(array, kind)
         writer.add_tensor(pocketlm_to_gguf_name(name, cfg.family), data, raw_dtype=kind)
-    try:
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
-        tmp.replace(path)  # a crash never leaves a half-written file under the final name
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        full = disk_full_error(exc, path)
-        if full is not None:
-            raise full from exc
-        raise
-    return path

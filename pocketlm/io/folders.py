@@ -1,25 +1,53 @@
-"""Model folders and run checkpoints, written atomically.
+"""Model folders: a Hugging Face folder (config.json, model.safetensors, tokenizer files) plus pocketlm.json.
 
-A model folder is a Hugging Face folder plus `pocketlm.json`. A directory is written under a temporary
-name and renamed into place, and the `latest`/`best` pointers of a run are replaced with os.replace, so a
-crash mid-save never leaves a corrupt checkpoint where a loader would look.
+`save_model` writes one atomically (a temporary folder renamed into place); `load_model_folder` reads
+one, or any other folder kind listed in FOLDER_KINDS (quantized folders from `pocketlm quantize`).
+To add a folder kind, append a FolderKind naming its module and two functions: nothing else changes.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pocketlm import hf
-from pocketlm.atomic import AtomicDir, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
+from pocketlm.atomic import AtomicDir
 from pocketlm.errors import UserError
+from pocketlm.io import hf
+from pocketlm.io.builtins import read_tokenizer
+from pocketlm.io.tokenizers import Tokenizer, has_tokenizer_files, read_json_file
 from pocketlm.model import GPT
-from pocketlm.rundir import RunDir, resolve_checkpoint
-from pocketlm.tokenizer import Tokenizer, load_tokenizer, read_json_file
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """A kind of model folder besides the plain Hugging Face one.
+
+    `module` is imported only when a folder is checked, so the kind's module may itself use pocketlm.io
+    (imports stay one-way); `matches` names its `(folder) -> bool`, `load` its
+    `(folder, device=..., dtype=...) -> (GPT, Tokenizer)`.
+    """
+
+    name: str
+    module: str
+    matches: str
+    load: str
+
+    def function(self, attr: str):
+        return getattr(importlib.import_module(self.module), attr)
+
+
+# Checked in order before a folder is read as a plain model folder.
+FOLDER_KINDS: list[FolderKind] = [
+    FolderKind("quantized (pocketlm quantize)", "pocketlm.compress.folder", "is_quantized_folder", "load_quantized"),
+    FolderKind("float format (pocketlm quantize --format fp16|bf16|fp64)", "pocketlm.compress.folder",
+               "is_float_format_folder", "load_float_format"),
+]
 
 
 def write_model_files(model: GPT, tokenizer: Tokenizer | None, directory: Path, metadata: dict | None = None) -> None:
@@ -111,19 +139,32 @@ def load_state_into(model: GPT, hf_state: dict[str, torch.Tensor], where: str) -
     model.load_state_dict(state, strict=True)
 
 
+def folder_kind(folder: str | Path) -> FolderKind | None:
+    """The FolderKind a folder is, or None for a plain model folder."""
+    for kind in FOLDER_KINDS:
+        if kind.function(kind.matches)(Path(folder)):
+            return kind
+    return None
+
+
 def load_model_folder(folder: str | Path, device: str | torch.device = "cpu",
                       dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
-    from pocketlm.compress import folder as quantized  # `pocketlm quantize` folders load through here too
+    """A model folder of any kind (FOLDER_KINDS first, then a plain Hugging Face folder)."""
+    kind = folder_kind(folder)
+    if kind is not None:
+        return kind.function(kind.load)(Path(folder), device=device, dtype=dtype)
+    return load_plain_folder(folder, device=device, dtype=dtype)
 
+
+def load_plain_folder(folder: str | Path, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+    """A Hugging Face model folder (pocketlm's, or one transformers wrote) and its tokenizer."""
     folder = Path(folder)
-    if quantized.is_quantized_folder(folder):
-        return quantized.load_quantized(folder, device=device, dtype=dtype)
-    dtype = dtype or quantized.float_format_dtype(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise UserError(f"{folder} is not a model folder: config.json is missing")
     check_model_info(folder)
-    tokenizer = load_tokenizer(folder) if _has_tokenizer(folder) else None
+    tokenizer = read_tokenizer(folder) if has_tokenizer_files(folder) else None
     raw_config = read_json_file(config_path, "model config")
     if not isinstance(raw_config, dict):
         raise UserError(f"model config {config_path} is not a JSON object: restore the model folder")
@@ -134,50 +175,14 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu",
         raise UserError(f"model config {config_path} is incomplete or invalid ({type(exc).__name__}: {exc}): "
                         "restore the model folder") from None
     if tokenizer is None:
-        tokenizer = load_tokenizer(config.tokenizer or "gpt2")
+        tokenizer = read_tokenizer(config.tokenizer or "gpt2")
+    if tokenizer is None:
+        raise UserError(f"no tokenizer in {folder}, and its config names {config.tokenizer!r}, which is not a "
+                        "built-in tokenizer: copy the tokenizer files of the model it came from into it")
     if tokenizer.vocab_size > config.embedding_rows:
         raise UserError(f"the tokenizer in {folder} has {tokenizer.vocab_size} tokens but the model's embedding "
                         f"has only {config.embedding_rows} rows: the tokenizer belongs to another model")
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device="cpu")
-    if config.tie_embeddings:  # to_empty gives the shared meta tensor two separate storages: re-tie
-        model.lm_head.weight = model.transformer.wte.weight
+    model = GPT.empty(config)
     load_state_into(model, read_hf_weights(folder), str(folder))
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype else model.to(device), tokenizer
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").exists() or (folder / "vocab.json").exists()
-
-
-# -- runs -----------------------------------------------------------------------------------------
-def checkpoint_dir(run: Path, which: str = "best") -> Path | None:
-    """The step folder a run's `best` or `latest` pointer names, or None if there is none."""
-    return RunDir(run).checkpoint(which)
-
-
-def resolve_model_dir(source: str | Path) -> Path:
-    """A run directory (its best, else latest checkpoint) or a model folder, as a model folder path."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise UserError(f"{source} does not exist: give a run directory, a model folder or a built-in model name")
-    return resolve_checkpoint(path)
-
-
-def load_model(source: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
-    """Any model source: a run directory, a model folder, or (via pocketlm.hf) a base name, GGUF or Hub id."""
-    resolver = getattr(hf, "load_base_model", None)
-    path = Path(str(source)).expanduser()
-    if not path.exists() and resolver is not None:
-        return resolver(str(source), device=device, dtype=dtype)
-    model_dir = resolve_model_dir(path)
-    if (model_dir / "adapter").is_dir() and not (model_dir / "config.json").exists():
-        from pocketlm import lora  # a LoRA run's checkpoint: base + adapter
-
-        return lora.load_base_and_adapter(model_dir / "adapter", device=device, dtype=dtype)
-    if model_dir.is_file() and resolver is not None:
-        return resolver(str(model_dir), device=device, dtype=dtype)
-    return load_model_folder(model_dir, device=device, dtype=dtype)
