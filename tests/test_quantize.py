@@ -246,8 +246,8 @@ def test_compression_table(src, tmp_path, tiny_text):
 
 @pytest.mark.parametrize("fmt,scheme,dtype", [("int8", "sym", "q8_0"), ("int4", "sym", "q4_0"), ("int4", "asym", "q4_1")])
 def test_gguf_export_copies_the_codes(src, tmp_path, fmt, scheme, dtype):
-    from pocketlm.cli.export import export
     from pocketlm.io import load_model
+    from pocketlm.io.export import export
 
     quantize(src, fmt, tmp_path / "q", scheme=scheme, progress=False)
     export(str(tmp_path / "q"), tmp_path / "m.gguf", dtype=dtype, fmt="gguf")
@@ -264,7 +264,7 @@ def test_gguf_export_copies_the_codes(src, tmp_path, fmt, scheme, dtype):
 
 
 def test_gguf_export_refuses_what_the_type_cannot_hold(src, tmp_path):
-    from pocketlm.cli.export import export
+    from pocketlm.io.export import export
 
     quantize(src, "int4", tmp_path / "g64", group_size=64, progress=False)
     with pytest.raises(UserError, match="--group-size 32"):

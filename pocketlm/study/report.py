@@ -136,10 +136,7 @@ def _samples(out: Path, rows: list[dict], per_cell: int = 2) -> dict[str, list[d
 
 
 def _losses(out: Path, row: dict) -> list:
-    path = out / row.get("run_dir", row["cell"]) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = RunDir(out / row.get("run_dir", row["cell"])).read_metrics()
     return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows]
 
 
