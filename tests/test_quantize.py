@@ -146,8 +146,8 @@ def test_folders_load_everywhere_and_size_reflects_the_format(src, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["fp64", "fp8", "int8", "int4", "nf4"])
 def test_greedy_generation_on_every_format(src, tmp_path, fmt):
-    from pocketlm.checkpoint import load_model
     from pocketlm.generate import SamplingSettings, generate_tokens
+    from pocketlm.io import load_model
 
     quantize(src, fmt, tmp_path / fmt, progress=False)
     model, tok = load_model(tmp_path / fmt)
