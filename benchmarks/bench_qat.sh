@@ -9,8 +9,10 @@ PY=${PYTHON:-python}
 D=${1:-runs/bench-qat}; mkdir -p "$D"
 S=${POCKETLM_SHARED_DATA:-../shared/data}/sonnets
 STEPS=${STEPS:-20}
-[ -f "$D/data/manifest.json" ] || $PY -m pocketlm prepare "$S/sonnets.txt" --out "$D/data" --tokenizer smollm2-135m
-COMMON=(--base smollm2-135m --data "$D/data" --method full --max-steps "$STEPS" --lr 1e-4 --warmup-steps 3
+BASE=${BASE:-smollm2-135m}
+NEW_TOKENS=${NEW_TOKENS:-128}
+[ -f "$D/data/manifest.json" ] || $PY -m pocketlm prepare "$S/sonnets.txt" --out "$D/data" --tokenizer "$BASE"
+COMMON=(--base "$BASE" --data "$D/data" --method full --max-steps "$STEPS" --lr 1e-4 --warmup-steps 3
         --context 128 --micro-batch 8 --batch-tokens 1024 --eval-every 10 --eval-batches 8 --seed 1 --keep-checkpoints 1)
 [ -f "$D/float/summary.json" ] || $PY -m pocketlm finetune "${COMMON[@]}" --out "$D/float"
 [ -f "$D/qat/summary.json" ] || $PY -m pocketlm finetune "${COMMON[@]}" --qat int4 --out "$D/qat"
@@ -28,6 +30,6 @@ print(f"share of the int4 PTQ gap recovered by QAT: {(L['ptq-int4'] - L['qat-int
 PY
 for m in float ptq-int4 qat-int4; do
   $PY -m pocketlm eval "$D/$m" --sonnet-prompts "$S/sonnets_held_out_dev.txt" "$S/TRUE_sonnets_held_out_dev.txt" \
-      --temperature 0 --max-new-tokens 128 --json "$D/chrf-$m.json" > /dev/null
+      --temperature 0 --max-new-tokens "$NEW_TOKENS" --json "$D/chrf-$m.json" > /dev/null
   $PY -c "import json; print('$m chrF', json.load(open('$D/chrf-$m.json')).get('chrf'))"
 done
