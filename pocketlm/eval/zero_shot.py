@@ -107,7 +107,8 @@ def single_token_logprobs(model, requests: list[tuple[list[int], list[int]]], k:
     some word is several tokens or the k requests of a prompt differ in context (then the general path
     runs). `requests` are k consecutive requests per prompt."""
     from pocketlm.classify.model import hidden_states, pad_batch
-    from pocketlm.eval.likelihood import _autocast, _model_device, model_context
+    from pocketlm.device import model_device as _model_device
+    from pocketlm.eval.likelihood import _autocast, model_context
 
     groups = [requests[i:i + k] for i in range(0, len(requests), k)]
     if any(len(cont) != 1 or ctx != g[0][0] for g in groups for ctx, cont in g) or not hasattr(model, "transformer"):
