@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pocketlm.data.batches import TokenBatchSource
+from pocketlm.data.batches import TokenBatchSource, read_manifest
 from pocketlm.device import autocast, default_precision, peak_memory_bytes, precision_dtype
 from pocketlm.distributed import (
     accumulation_steps,
@@ -39,7 +39,7 @@ from pocketlm.errors import UserError
 from pocketlm.io import folders
 from pocketlm.loggers import MetricLoggers
 from pocketlm.memory import allocator_in_effect, release_free_memory
-from pocketlm.model import GPT
+from pocketlm.model import GPT, get_config
 from pocketlm.objectives import LMObjective, Metric, Objective, ValidationLoss, to_device
 from pocketlm.preflight import check_before_training, check_run_dir
 from pocketlm.recipe import (
@@ -51,11 +51,11 @@ from pocketlm.recipe import (
     load_recipe,
 )
 from pocketlm.rundir import RunDir, damaged
-from pocketlm.tokenizer import Tokenizer, check_same_tokenizer
+from pocketlm.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 
 __all__ = ["TrainConfig", "Trainer", "train", "load_recipe", "add_train_arguments", "config_from_args",
            "WeightSaver", "FullModelSaver", "lr_at", "make_optimizer", "derive_batch_shape",
-           "trainer_on_windows"]
+           "trainer_on_windows", "pretrain", "build_model"]
 
 
 class WeightSaver(Protocol):
@@ -507,6 +507,26 @@ def trainer_on_windows(model: GPT, tokenizer: Tokenizer, windows: torch.Tensor, 
     trainer = Trainer(model, tokenizer, cfg, batch_source=TensorBatchSource(windows, val_windows))
     trainer.setup()
     return trainer
+
+
+def build_model(name: str, data_dir: str, seed: int, pad_vocab: int | None = None) -> tuple[GPT, Tokenizer]:
+    """A freshly initialised model whose vocabulary is the data set's tokenizer."""
+    read_manifest(data_dir)  # a clear error if DIR is not a prepared data set
+    tokenizer = load_tokenizer(data_dir)
+    vocab = tokenizer.vocab_size
+    padded = -(-vocab // pad_vocab) * pad_vocab if pad_vocab else None
+    config = get_config(name, vocab_size=vocab, padded_vocab_size=padded, tokenizer=tokenizer.name)
+    torch.manual_seed(seed)  # the same seed gives the same initial weights
+    return GPT(config), tokenizer
+
+
+def pretrain(cfg: TrainConfig, *, pad_vocab: int | None = None, log=print) -> dict:
+    """Train cfg.model (a named config, see `pocketlm models`) from random weights on cfg.data; the summary."""
+    cfg = replace(cfg, method="pretrain")
+    cfg.validate()
+    model, tokenizer = build_model(cfg.model, cfg.data, cfg.seed, pad_vocab)
+    log(f"model {cfg.model}: {model.num_parameters():,} parameters; data {cfg.data}; run {cfg.out}")
+    return train(model, tokenizer, cfg)
 
 
 def store_frozen_linears(model: torch.nn.Module, precision: str) -> None:

@@ -106,9 +106,8 @@ SMALL = dict(model="gpt2-tiny", batch_tokens=256, micro_batch=4, context=32, eva
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, tiny_data):
     """A gpt2-tiny teacher trained a few steps on the tiny data (so it knows something the student does not)."""
-    from pocketlm.cli.pretrain import build_model
     from pocketlm.recipe import TrainConfig
-    from pocketlm.train import train
+    from pocketlm.train import build_model, train
 
     out = tmp_path_factory.mktemp("teacher") / "run"
     cfg = TrainConfig(data=str(tiny_data), out=str(out), max_steps=4, seed=7, **{**SMALL, "eval_every": 4})
@@ -120,9 +119,8 @@ def teacher_dir(tmp_path_factory, tiny_data):
 def _run(tiny_data, out, **kw):
     import json
 
-    from pocketlm.cli.pretrain import build_model
     from pocketlm.recipe import TrainConfig
-    from pocketlm.train import train
+    from pocketlm.train import build_model, train
 
     cfg = TrainConfig(data=str(tiny_data), out=str(out), **{**SMALL, **kw})
     model, tokenizer = build_model(cfg.model, cfg.data, cfg.seed)

@@ -28,7 +28,8 @@ def _lazy_exports(modules: dict[str, Path]) -> dict[str, dict[str, str]]:
             continue
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_EXPORTS" for t in node.targets):
-                out[name] = {k: f"{name}.{v}" for k, v in ast.literal_eval(node.value).items()}
+                out[name] = {k: v if v.startswith("pocketlm.") else f"{name}.{v}"
+                             for k, v in ast.literal_eval(node.value).items()}
     return out
 
 

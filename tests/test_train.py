@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from pocketlm.cli import main
-from pocketlm.cli.pretrain import build_model
 from pocketlm.errors import UserError
 from pocketlm.io import folders, load_model
 from pocketlm.model import GPT
 from pocketlm.recipe import TrainConfig, load_recipe
 from pocketlm.rundir import RunDir
-from pocketlm.train import Trainer, lr_at, train
+from pocketlm.train import Trainer, build_model, lr_at, train
 
 SMALL = dict(model="gpt2-tiny", batch_tokens=256, micro_batch=4, context=32, eval_every=4, eval_batches=2,
              log_every=1, warmup_steps=2, lr=3e-3, device="cpu", precision="fp32")

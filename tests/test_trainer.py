@@ -13,14 +13,13 @@ import torch
 import yaml
 
 from pocketlm.cli import main
-from pocketlm.cli.pretrain import build_model
 from pocketlm.errors import UserError
 from pocketlm.model import GPT, ModelConfig
 from pocketlm.objectives import LMObjective
 from pocketlm.recipe import AdapterConfig, TrainConfig, load_recipe
 from pocketlm.rundir import RunDir, is_run_dir, resolve_checkpoint, run_of_step
 from pocketlm.tokenizer import load_tokenizer
-from pocketlm.train import Trainer, derive_batch_shape, trainer_on_windows
+from pocketlm.train import Trainer, build_model, derive_batch_shape, trainer_on_windows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(model="gpt2-tiny", batch_tokens=128, micro_batch=4, context=32, eval_every=3, eval_batches=2,

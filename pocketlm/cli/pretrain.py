@@ -22,30 +22,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def build_model(name: str, data_dir: str, seed: int, pad_vocab: int | None = None):
-    """A freshly initialised model whose vocabulary is the data set's tokenizer."""
-    import torch  # imported here so that `pocketlm --help` and light commands start fast
-
-    from pocketlm.data.batches import read_manifest
-    from pocketlm.model import GPT, get_config
-    from pocketlm.tokenizer import load_tokenizer
-
-    read_manifest(data_dir)  # a clear error if DIR is not a prepared data set
-    tokenizer = load_tokenizer(data_dir)
-    vocab = tokenizer.vocab_size
-    padded = -(-vocab // pad_vocab) * pad_vocab if pad_vocab else None
-    config = get_config(name, vocab_size=vocab, padded_vocab_size=padded, tokenizer=tokenizer.name)
-    torch.manual_seed(seed)  # the same seed gives the same initial weights
-    return GPT(config), tokenizer
-
-
 def run(args: argparse.Namespace) -> None:
-    from pocketlm.train import train
+    from pocketlm.train import pretrain
 
-    cfg = config_from_args(args, model=args.model, method="pretrain")
-    cfg.validate()
-    model, tokenizer = build_model(cfg.model, cfg.data, cfg.seed, args.pad_vocab)
-    print(f"model {cfg.model}: {model.num_parameters():,} parameters; data {cfg.data}; run {cfg.out}")
-    summary = train(model, tokenizer, cfg)
+    summary = pretrain(config_from_args(args, model=args.model, method="pretrain"), pad_vocab=args.pad_vocab)
     print(json.dumps({k: summary[k] for k in ("steps", "best_val_loss", "final_train_loss", "tokens_per_s",
                                               "wall_s")}))
