@@ -22,7 +22,7 @@ KERNELS = ("aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "at
 
 
 def models(args) -> list[tuple[str, torch.nn.Module]]:
-    from pocketlm.checkpoint import load_model
+    from pocketlm.io import load_model
 
     out = [(src, load_model(src)[0]) for src in args.sources]
     if args.config:
