@@ -50,11 +50,11 @@ def _command(args: argparse.Namespace, out: Path, resume: bool) -> list[str]:
 def build_tiny(work: Path, corpus: Path) -> tuple[Path, Path]:
     """A 2-layer llama base with a 512-token BPE trained on the corpus, and the corpus prepared with it."""
     import torch
-    from pocketlm.io import save_model
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from pocketlm.data.prepare import prepare
+    from pocketlm.io import save_model
     from pocketlm.model import GPT, ModelConfig
     from pocketlm.tokenizer import Tokenizer
 
@@ -93,6 +93,7 @@ def logged_step(run: Path) -> int:
 def check_checkpoints(run: Path) -> list[str]:
     """Every step folder must load; `latest`, if present, must name one. Returns the failures."""
     import torch
+
     from pocketlm.io import load_model
 
     failures = []
