@@ -64,22 +64,7 @@ def disk_full_error(exc: BaseException, where: Path) -> UserError | None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), file_mode())
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        full = disk_full_error(exc, path)
-        if full is not None:
-            raise full from exc
-        raise
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def atomic_write_json(path: str | Path, data) -> None:
