@@ -1,11 +1,48 @@
+"""`python -m pocketlm` and the `pocketlm` command: the CLI with Ctrl-C handled at every moment.
+
+Ctrl-C ends any command with one line, `pocketlm CMD: interrupted`, and exit status 130 -- also while the
+command is still importing, and while the interpreter shuts down after the command has finished (where
+Python would otherwise die of the signal itself, exit status -2, whatever the command returned).
+"""
+
+import signal
 import sys
 
-try:
-    from pocketlm.cli import main
-except KeyboardInterrupt:  # Ctrl-C while the command is still importing: one line, like any interruption
+
+def _stop_listening() -> None:
+    """The command has finished or given up: a late Ctrl-C must not change how it ends. (Python resets
+    its own handler to the default at shutdown, but leaves an ignored signal ignored.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interrupted() -> None:
+    _stop_listening()
     name = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
     print(f"pocketlm{' ' + name if name else ''}: interrupted", file=sys.stderr)
     sys.exit(130)
 
+
+def run() -> None:
+    """The console script's entry point (and `python -m pocketlm`'s)."""
+    try:
+        import os
+
+        from pocketlm.memory import REEXEC_MARK
+
+        if os.environ.get(REEXEC_MARK) and hasattr(signal, "pthread_sigmask"):
+            # The allocator restart (pocketlm.memory) holds Ctrl-C back across exec, so that one pressed
+            # while this interpreter started is not a traceback: it arrives now, where we catch it.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        from pocketlm.cli import main
+    except KeyboardInterrupt:  # Ctrl-C while the command is still importing
+        _interrupted()
+    try:
+        main()
+    except KeyboardInterrupt:  # between the command's own handler and here
+        _interrupted()
+    finally:
+        _stop_listening()
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -34,6 +34,7 @@ import ctypes
 import glob
 import os
 import platform
+import signal
 import sys
 
 from pocketlm.errors import UserError
@@ -41,7 +42,7 @@ from pocketlm.errors import UserError
 ALLOCATOR_ENV = "POCKETLM_ALLOCATOR"  # auto | tcmalloc | glibc-tuned | glibc
 ALLOCATOR_CHOICES = ("auto", "tcmalloc", "glibc-tuned", "glibc")
 OPT_OUT_ENV = "POCKETLM_TUNE_ALLOCATOR"  # older switch: 0 means plain glibc
-_REEXEC_MARK = "_POCKETLM_ALLOCATOR_REEXEC"  # set in the re-executed process: never exec twice
+REEXEC_MARK = "_POCKETLM_ALLOCATOR_REEXEC"  # set in the re-executed process: never exec twice
 
 # mallopt parameters from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -144,7 +145,7 @@ def tcmalloc_environment(environ: os._Environ | dict | None = None) -> dict | No
     possible (not Linux, or tcmalloc not installed under auto)."""
     environ = dict(os.environ if environ is None else environ)
     choice = allocator_choice(environ)
-    if choice not in ("auto", "tcmalloc") or environ.get(_REEXEC_MARK) or preloaded_allocator():
+    if choice not in ("auto", "tcmalloc") or environ.get(REEXEC_MARK) or preloaded_allocator():
         return None
     path = find_tcmalloc() if platform.system() == "Linux" else None
     if path is None:
@@ -154,7 +155,7 @@ def tcmalloc_environment(environ: os._Environ | dict | None = None) -> dict | No
         return None
     preload = environ.get("LD_PRELOAD", "").strip()
     environ["LD_PRELOAD"] = f"{path}:{preload}" if preload else path
-    environ[_REEXEC_MARK] = "1"
+    environ[REEXEC_MARK] = "1"
     # tcmalloc reports every allocation over 1 GB on stderr by default; loading a model makes several.
     environ.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
     return environ
@@ -169,4 +170,13 @@ def reexec_with_tcmalloc(argv: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "pocketlm", *argv], env)
+    # Hold Ctrl-C back across exec (the mask and a pending signal survive it): pocketlm/__main__.py lets it
+    # through once it can turn it into one line, instead of a traceback from the interpreter's start-up.
+    blocked = hasattr(signal, "pthread_sigmask")
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "pocketlm", *argv], env)
+    finally:  # exec failed (it does not return otherwise)
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

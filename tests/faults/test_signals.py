@@ -8,13 +8,18 @@ import json
 import random
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 
 from tests.faults.conftest import TRAIN_FLAGS
 from tests.faults.harness import (
+    REPO,
     SIGNALS,
+    Result,
     assert_ok,
+    env,
     leftovers,
     run_and_signal,
     run_process,
@@ -103,3 +108,33 @@ def test_writers_interrupted_leave_nothing_half_written(base, data, corpus, tmp_
                 assert_ok(run_process(["generate", out, "--prompt", "a", "--max-new-tokens", "2"]))
     assert_ok(run_process(argv))
     assert out.exists() and [p for p in leftovers(tmp_path) if "lora" not in p] == []
+
+
+# -- the edges of a command's life: start-up after the allocator restart, and shutdown ---------------------------
+def test_ctrl_c_after_a_command_has_finished_does_not_change_its_exit_status(tmp_path):
+    """Python resets Ctrl-C to 'die of the signal' while it shuts down: a Ctrl-C then would turn a finished
+    command's status 0 into -2. The command line ignores Ctrl-C once the command has returned."""
+    code = ("import os, signal, sys\n"
+            "from pocketlm.__main__ import run\n"
+            "sys.argv = ['pocketlm', 'models']\n"
+            "run()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"  # what a Ctrl-C during shutdown delivers
+            "print('finished')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
+    assert p.returncode == 0 and p.stdout.rstrip().endswith("finished"), (p.returncode, p.stderr[-2000:])
+
+
+def test_ctrl_c_held_back_across_the_allocator_restart_is_one_line(tmp_path):
+    """The allocator restart blocks SIGINT across exec; one pressed meanwhile stays pending and must arrive as
+    `pocketlm CMD: interrupted`, 130 -- not as a traceback from the new interpreter's start-up."""
+    from pocketlm.memory import REEXEC_MARK
+
+    code = ("import os, signal, sys\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"  # pending: Ctrl-C pressed while the restart happens
+            "os.execve(sys.executable, [sys.executable, '-m', 'pocketlm', 'models'],"
+            f" dict(os.environ, {REEXEC_MARK}='1'))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
+    result = Result(p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert result.rc == 130 and result.last_err_line == "pocketlm models: interrupted", (p.returncode, p.stderr)
