@@ -1,5 +1,6 @@
 """Evaluation: what `pocketlm eval` computes, as a library.
 
+- api.py              evaluate(SOURCE, text=..., baseline=..., ...): the whole command as one call
 - likelihood.py       loss, perplexity, bits per byte of a text or a prepared split (sliding windows)
 - multiple_choice.py  HellaSwag-style multiple choice (acc, acc_norm as lm-evaluation-harness)
 - text_metrics.py     chrF / BLEU (sacrebleu), distinct-n, repeated n-gram rate
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "evaluate": "api",
     "evaluate_text": "likelihood", "evaluate_split": "likelihood", "score_tokens": "likelihood",
     "sliding_windows": "likelihood", "LikelihoodResult": "likelihood",
     "evaluate_multiple_choice": "multiple_choice", "read_multiple_choice": "multiple_choice",
