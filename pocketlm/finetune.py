@@ -16,7 +16,8 @@ from dataclasses import replace
 
 import torch
 
-from pocketlm.data.batches import read_manifest
+import pocketlm
+from pocketlm.data.manifest import load_manifest
 from pocketlm.errors import UserError
 from pocketlm.io import load_model
 from pocketlm.model import GPT
@@ -42,7 +43,7 @@ def load_base(source: str) -> tuple[GPT, Tokenizer]:
 
 def check_data_tokenizer(data: str, tokenizer: Tokenizer, base: str) -> dict:
     """The data set's manifest, after checking it was tokenized with the base's tokenizer."""
-    manifest = read_manifest(data)
+    manifest = load_manifest(data)
     check_same_tokenizer(manifest["tokenizer"]["identity"], tokenizer.identity, f"data set {data}",
                          f"base {base}")
     return manifest
@@ -194,3 +195,6 @@ def finetune(cfg: TrainConfig, *, adapter: AdapterConfig | dict | None = None,
         return train(model, tokenizer, cfg, saver=saver, extra_summary=extra)
     finally:
         finish_qat(saver)
+
+
+pocketlm._make_callable(__name__)  # pocketlm.finetune(cfg, ...) is finetune

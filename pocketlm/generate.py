@@ -17,12 +17,14 @@ uses the same `processed_logits`.
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+import pocketlm
 from pocketlm.device import model_device
 from pocketlm.errors import UserError
 
@@ -424,9 +426,59 @@ def generate(model, tokenizer, prompt: str, settings: SamplingSettings | None = 
     return run_generation(model, tokenizer, prompt, settings or SamplingSettings(), on_text).texts
 
 
+def generate_from_source(source, prompt: str | Callable[[], str] = "", *, adapter=None, device: str = "auto",
+                         max_new_tokens: int = 128, temperature: float = 1.0, top_k: int | None = None,
+                         top_p: float | None = None, repetition_penalty: float = 1.0, stop: Sequence[str] = (),
+                         num_samples: int = 1, seed: int | None = None,
+                         on_text: Callable[[int, str], None] | None = None, json_out=None,
+                         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+    """`pocketlm generate SOURCE` as a call (`pocketlm.generate(SOURCE, PROMPT, ...)`): load SOURCE (a run
+    directory, model folder, built-in base, .gguf or Hub id; `adapter` a LoRA adapter folder or run), sample
+    `num_samples` completions of `prompt` and return what `--json` writes: `samples` (the texts after the
+    prompt), `new_tokens`, `prompt_tokens`, `seconds`, `tokens_per_s`, `first_token_seconds`, `settings`,
+    `device`. The arguments are the command's flags; `on_text(sample, piece)` streams each sample's text.
+    `prompt` may be a function returning it, called once the settings are checked (the command reads
+    stdin only then).
+    """
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from pocketlm.device import pick_device
+    from pocketlm.io import load_model
+
+    # Settings first: a bad value fails before a model is loaded.
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, stop=list(stop), num_samples=num_samples,
+                                seed=seed)
+    if json_out is not None:
+        from pocketlm.atomic import check_output_file
+
+        check_output_file(json_out, "--json")
+    if adapter is not None and not Path(adapter).is_dir():
+        raise UserError(f"--adapter {adapter} is not a folder: give the adapter folder a LoRA run saved")
+    text = prompt() if callable(prompt) else prompt
+    where = pick_device(device)
+    model, tokenizer = load_model(source, adapter=adapter, device=where)
+    if not text:
+        log("pocketlm generate: no prompt given: sampling unconditionally")
+    result = run_generation(model, tokenizer, text, settings, on_text=on_text)
+    record = {"source": str(source), "adapter": str(adapter) if adapter else None, "prompt": text,
+              "settings": asdict(settings), "samples": result.texts, "new_tokens": result.new_tokens,
+              "prompt_tokens": result.prompt_tokens, "seconds": result.seconds, "tokens_per_s": result.tokens_per_s,
+              "first_token_seconds": result.first_token_seconds, "device": str(where)}
+    if json_out is not None:
+        from pocketlm.atomic import atomic_write_json
+
+        atomic_write_json(json_out, record)
+    return record
+
+
 __all__ = [
     "Generation", "IncrementalDecoder", "SamplingSettings", "apply_presence_frequency_penalty",
-    "apply_repetition_penalty", "apply_temperature", "check_fits", "draw_tokens", "generate", "generate_tokens", "next_tokens",
+    "apply_repetition_penalty", "apply_temperature", "check_fits", "draw_tokens", "generate", "generate_from_source", "generate_tokens", "next_tokens",
     "processed_logits", "prompt_ids", "run_generation",
     "top_k_filter", "top_p_filter",
 ]
+
+
+pocketlm._make_callable(__name__)  # pocketlm.generate(SOURCE, PROMPT, ...) is generate_from_source

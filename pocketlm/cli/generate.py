@@ -1,4 +1,8 @@
-"""`pocketlm generate SOURCE`: sample completions of a prompt, streaming the first one."""
+"""`pocketlm generate SOURCE`: sample completions of a prompt, streaming the first one.
+
+The flags are the arguments of one library call, pocketlm.generate (pocketlm.generate.generate_from_source);
+this module reads the prompt and prints.
+"""
 
 from __future__ import annotations
 
@@ -56,63 +60,34 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pocketlm.generate import SamplingSettings, run_generation
+    from pocketlm.generate import generate_from_source
 
-    # Settings first: a bad flag fails before a model is loaded.
-    settings = SamplingSettings(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, stop=list(args.stop), num_samples=args.num_samples,
-        seed=args.seed,
-    )
-    if args.json is not None:
-        from pocketlm.atomic import check_output_file
-
-        check_output_file(args.json, "--json")
-    if args.adapter is not None and not args.adapter.is_dir():
-        raise UserError(f"--adapter {args.adapter} is not a folder: give the adapter folder a LoRA run saved")
-    prompt = _read_prompt(args)
-
-    from pocketlm.device import pick_device
-    from pocketlm.io import load_model
-
-    device = pick_device(args.device)
-    model, tokenizer = load_model(args.source, adapter=args.adapter, device=device)
-    if not prompt:
-        print("pocketlm generate: no prompt given: sampling unconditionally", file=sys.stderr)
-
-    n = settings.num_samples
+    n = args.num_samples
     out = sys.stdout
-    if n > 1:
-        out.write(f"===== sample 1/{n} =====\n")
+    started = [False]
+
+    def header() -> None:  # after the model loaded, before the first text
+        if n > 1 and not started[0]:
+            out.write(f"===== sample 1/{n} =====\n")
+        started[0] = True
 
     def stream(index: int, piece: str) -> None:
         if index == 0:
+            header()
             out.write(piece)
             out.flush()
 
-    result = run_generation(model, tokenizer, prompt, settings, on_text=stream)
+    result = generate_from_source(
+        args.source, lambda: _read_prompt(args), adapter=args.adapter, device=args.device,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop=args.stop, num_samples=n, seed=args.seed,
+        on_text=stream, json_out=args.json,
+    )
+    header()
     out.write("\n")
-    for i, text in enumerate(result.texts[1:], start=2):
+    for i, text in enumerate(result["samples"][1:], start=2):
         out.write(f"===== sample {i}/{n} =====\n{text}\n")
     out.flush()
-    total = sum(result.new_tokens)
-    print(f"pocketlm generate: {total} tokens in {result.seconds:.2f}s ({result.tokens_per_s:.1f} tokens/s; "
-          f"prompt {result.prompt_tokens} tokens, first token after {result.first_token_seconds:.2f}s) "
-          f"on {device}", file=sys.stderr)
-    if args.json is not None:
-        from dataclasses import asdict
-
-        from pocketlm.atomic import atomic_write_json
-
-        atomic_write_json(args.json, {
-            "source": str(args.source),
-            "adapter": str(args.adapter) if args.adapter else None,
-            "prompt": prompt,
-            "settings": asdict(settings),
-            "samples": result.texts,
-            "new_tokens": result.new_tokens,
-            "prompt_tokens": result.prompt_tokens,
-            "seconds": result.seconds,
-            "tokens_per_s": result.tokens_per_s,
-            "device": str(device),
-        })
+    print(f"pocketlm generate: {sum(result['new_tokens'])} tokens in {result['seconds']:.2f}s "
+          f"({result['tokens_per_s']:.1f} tokens/s; prompt {result['prompt_tokens']} tokens, first token after "
+          f"{result['first_token_seconds']:.2f}s) on {result['device']}", file=sys.stderr)

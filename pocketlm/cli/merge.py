@@ -2,15 +2,12 @@
 
 The result is a standalone model folder (a Hugging Face folder: transformers loads it) computing what
 base + adapter computed; a QLoRA base is dequantized from NF4 first, so the merged model reproduces the
-model the adapter was trained against.
+model the adapter was trained against. The library call: pocketlm.merge (pocketlm.io.export.merge).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-from pocketlm.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -33,30 +30,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pocketlm import lora
-    from pocketlm.io import load_model, peft, save_model
+    from pocketlm.io.export import merge
 
-    out = Path(args.out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise UserError(f"{out} already exists and is not empty: choose another --out or pass --force")
-    from pocketlm.atomic import check_output_dir
-
-    check_output_dir(out, "--out")
-    folder = peft.find_adapter_folder(args.source)
-    if peft.read_adapter_config(folder).get("modules_to_save"):  # a LoRA classifier: head + merged base
-        from pocketlm.classify.io import merge_classifier
-
-        info = merge_classifier(folder, out, base=args.base)
-        print(f"merged LoRA classifier {folder} ({info.num_labels} classes) -> {out} "
+    r = merge(args.source, args.out, base=args.base, force=args.force)
+    if r["kind"] == "classifier":
+        print(f"merged LoRA classifier {r['adapter']} ({r['num_labels']} classes) -> {r['out']} "
               "(AutoModelForSequenceClassification loads it)")
-        return
-    model, tokenizer = load_model(args.base or peft.adapter_base(folder), adapter=folder)
-    meta = dict(getattr(model, "_pocketlm_lora", {}))
-    base = args.base or meta.get("base")
-    layers = len(lora.lora_modules(model))
-    lora.merge_lora(model)
-    save_model(model, tokenizer, out, metadata={
-        "merged": {"adapter": str(folder.resolve()), "base": base, "method": meta.get("method", "lora"),
-                   "layers": layers},
-    })
-    print(f"merged {meta.get('method', 'lora')} adapter {folder} ({layers} layers) into base {base} -> {out}")
+    else:
+        print(f"merged {r['method']} adapter {r['adapter']} ({r['layers']} layers) into base {r['base']} -> {r['out']}")

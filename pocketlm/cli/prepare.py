@@ -10,7 +10,6 @@ from pocketlm.data.prepare import (
     DEFAULT_SHARD_TOKENS,
     DEFAULT_VAL_FRACTION,
     DEFAULT_WORKERS,
-    prepare,
 )
 from pocketlm.data.sources import BUILTIN_CORPORA
 
@@ -74,6 +73,8 @@ def _shards(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    from pocketlm.data.prepare import prepare
+
     start = time.perf_counter()
     manifest = prepare(
         args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,

@@ -46,3 +46,33 @@ def export(source: str | Path, out: str | Path, dtype: str = "fp32", fmt: str = 
     model = model.to(precision_dtype(dtype))
     save_model(model, tokenizer, out, metadata=metadata)
     return out
+
+
+def merge(source: str | Path, out: str | Path, *, base: str | None = None, force: bool = False) -> dict:
+    """`pocketlm merge`: fold a LoRA/QLoRA adapter (a run, a checkpoint step folder or an adapter folder) into
+    its base (`base`, else the one its adapter_config names) and write a standalone model folder at `out`
+    (a LoRA classifier becomes a classifier folder). Returns what was merged: `kind` ("lm" or
+    "classifier"), `adapter`, `base`, `method`, `layers` (lm) or `num_labels` (classifier), `out`."""
+    from pocketlm import lora
+    from pocketlm.io import peft
+
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UserError(f"{out} already exists and is not empty: choose another --out or pass --force")
+    check_output_dir(out, "--out")
+    folder = peft.find_adapter_folder(source)
+    if peft.read_adapter_config(folder).get("modules_to_save"):  # a LoRA classifier: head + merged base
+        from pocketlm.classify.io import merge_classifier
+
+        info = merge_classifier(folder, out, base=base)
+        return {"kind": "classifier", "adapter": folder, "num_labels": info.num_labels, "out": out}
+    model, tokenizer = load_model(base or peft.adapter_base(folder), adapter=folder)
+    meta = dict(getattr(model, "_pocketlm_lora", {}))
+    base = base or meta.get("base")
+    method = meta.get("method", "lora")
+    layers = len(lora.lora_modules(model))
+    merge_lora(model)
+    save_model(model, tokenizer, out, metadata={
+        "merged": {"adapter": str(folder.resolve()), "base": base, "method": method, "layers": layers},
+    })
+    return {"kind": "lm", "adapter": folder, "base": base, "method": method, "layers": layers, "out": out}
