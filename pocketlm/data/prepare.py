@@ -212,14 +212,8 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Tokenizer = "gpt2",
-            val_fraction: float | None = None, val_documents: int | None = None, seed: int = 1337,
-            delimiter: str | None = None, delimiter_regex: str | None = None, text_field: str | None = None,
-            column: str | None = None, workers: int = DEFAULT_WORKERS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            min_val_tokens: int = DEFAULT_MIN_VAL_TOKENS, progress: bool | None = None,
-            log: Callable[[str], None] = _stderr, piece_chars: int = PIECE_CHARS,
-            chunk_chars: int = CHUNK_CHARS) -> dict:  # long: one streaming pass whose stages share state
-    """Tokenize SOURCE into DIR (= out): shards, tokenizer files, manifest.json. Returns the manifest."""
+def _check_options(val_fraction: float | None, val_documents: int | None, shard_tokens: int, workers: int,
+                   min_val_tokens: int) -> None:
     if val_fraction is not None and val_documents is not None:
         raise UserError("give --val-fraction or --val-documents, not both")
     if shard_tokens < 1:
@@ -228,19 +222,10 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
         raise UserError(f"--workers must be at least 1 (got {workers})")
     if min_val_tokens < 0:
         raise UserError(f"--min-val-tokens must be 0 or more (got {min_val_tokens})")
-    out = Path(out)
-    check_output_folder(out)
-    corpus = Corpus(source, delimiter=delimiter, delimiter_regex=delimiter_regex, text_field=text_field,
-                    column=column)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    if tok.eos_id is None:
-        raise UserError(f"tokenizer {tok.name!r} has no end-of-text token to separate documents with: "
-                        "choose another --tokenizer")
-    dtype = token_dtype(tok.vocab_size)
-    cuttable = piece_chars if pieces_are_exact(tok) else None
-    show = corpus.total_bytes > PROGRESS_BYTES if progress is None else progress
 
-    # Pass 1: count documents (and characters, for a one-document corpus); hash the files.
+
+def _count_documents(corpus: Corpus, cuttable: int | None, show: bool) -> tuple[int, int]:
+    """Pass 1: (documents, characters of the first document: all a one-document corpus has)."""
     documents = chars = 0
     with tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc="reading", disable=not show,
               file=sys.stderr, leave=False) as bar:
@@ -251,14 +236,12 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
     if documents == 0:
         raise UserError(f"no text in {corpus.source}: {len(corpus.files)} file(s) read and every document is "
                         "empty (check the file, --text-field/--column, or the delimiter)")
-    hashes = [f.record() for f in corpus.files]
-    mode, val, cut = _plan_split(documents, chars, val_fraction, val_documents, seed)
+    return documents, chars
 
-    # Pass 2: tokenize and write, into a temporary folder beside --out that replaces it only when complete:
-    # a prepare that fails or is interrupted leaves --out as it was (a killed one leaves the temporary
-    # folder, removed by the next prepare).
-    clean_stale_temporaries(out.parent, out.name)
-    tmp = make_temp_dir(out)
+
+def _tokenize_into(tmp: Path, corpus: Corpus, tok: Tokenizer, dtype: np.dtype, items: Iterable[tuple[str, str, bool]],
+                   *, shard_tokens: int, workers: int, chunk_chars: int, show: bool) -> dict:
+    """Pass 2: tokenize (split, text, end) items into shards under tmp; returns {split: its manifest entry}."""
     writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
     eot = np.array([tok.eos_id], dtype=dtype)
     pool, submit = _executor(tok, workers)
@@ -266,8 +249,8 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
 
     def drain(keep: int) -> None:
         while len(pending) > keep:
-            items, future = pending.popleft()
-            for (split, _, end), (ids, nbytes) in zip(items, future.result()):
+            chunk, future = pending.popleft()
+            for (split, _, end), (ids, nbytes) in zip(chunk, future.result()):
                 writer = writers[split]
                 writer.write(ids)
                 writer.bytes += nbytes
@@ -279,44 +262,67 @@ def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Toke
     try:
         with pool, tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc="tokenizing",
                         disable=not show, file=sys.stderr) as bar:
-            for items in _chunks(_assign(corpus.pieces(cuttable), mode, val, cut), chunk_chars):
-                pending.append((items, submit([text for _, text, _ in items], dtype.str)))
+            for chunk in _chunks(items, chunk_chars):
+                pending.append((chunk, submit([text for _, text, _ in chunk], dtype.str)))
                 drain(keep=2 * workers)  # bounded: at most a few chunks in memory
             drain(keep=0)
-        splits = {s: w.close() for s, w in writers.items()}
+    finally:
+        splits = {s: w.close() for s, w in writers.items()}  # closed (and synced) whatever happened
+    return splits
+
+
+def prepare(source: str | Path, out: str | Path, *, tokenizer: str | Path | Tokenizer = "gpt2",
+            val_fraction: float | None = None, val_documents: int | None = None, seed: int = 1337,
+            delimiter: str | None = None, delimiter_regex: str | None = None, text_field: str | None = None,
+            column: str | None = None, workers: int = DEFAULT_WORKERS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+            min_val_tokens: int = DEFAULT_MIN_VAL_TOKENS, progress: bool | None = None,
+            log: Callable[[str], None] = _stderr, piece_chars: int = PIECE_CHARS,
+            chunk_chars: int = CHUNK_CHARS) -> dict:
+    """Tokenize SOURCE into DIR (= out): shards, tokenizer files, manifest.json. Returns the manifest."""
+    _check_options(val_fraction, val_documents, shard_tokens, workers, min_val_tokens)
+    out = Path(out)
+    check_output_folder(out)
+    corpus = Corpus(source, delimiter=delimiter, delimiter_regex=delimiter_regex, text_field=text_field,
+                    column=column)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    if tok.eos_id is None:
+        raise UserError(f"tokenizer {tok.name!r} has no end-of-text token to separate documents with: "
+                        "choose another --tokenizer")
+    dtype = token_dtype(tok.vocab_size)
+    cuttable = piece_chars if pieces_are_exact(tok) else None
+    show = corpus.total_bytes > PROGRESS_BYTES if progress is None else progress
+    documents, chars = _count_documents(corpus, cuttable, show)
+    hashes = [f.record() for f in corpus.files]
+    mode, val, cut = _plan_split(documents, chars, val_fraction, val_documents, seed)
+
+    # Pass 2: tokenize and write, into a temporary folder beside --out that replaces it only when complete:
+    # a prepare that fails or is interrupted leaves --out as it was (a killed one leaves the temporary
+    # folder, removed by the next prepare).
+    clean_stale_temporaries(out.parent, out.name)
+    tmp = make_temp_dir(out)
+    try:
+        splits = _tokenize_into(tmp, corpus, tok, dtype, _assign(corpus.pieces(cuttable), mode, val, cut),
+                                shard_tokens=shard_tokens, workers=workers, chunk_chars=chunk_chars, show=show)
         if [f.record() for f in corpus.files] != hashes:
             raise UserError(f"{corpus.source} changed while it was being prepared: run `pocketlm prepare` again")
-        if val or cut is not None:
-            if splits["val"]["tokens"] < min_val_tokens:
-                raise UserError(
-                    f"the validation split has {splits['val']['tokens']} tokens, fewer than --min-val-tokens "
-                    f"{min_val_tokens} (one context window + 1): raise --val-fraction or --val-documents, "
-                    "lower --min-val-tokens, or add data")
+        if (val or cut is not None) and splits["val"]["tokens"] < min_val_tokens:
+            raise UserError(
+                f"the validation split has {splits['val']['tokens']} tokens, fewer than --min-val-tokens "
+                f"{min_val_tokens} (one context window + 1): raise --val-fraction or --val-documents, "
+                "lower --min-val-tokens, or add data")
         tok.save(tmp)
         manifest = {
-            "format": FORMAT,
-            "tokenizer": tok.describe(),
-            "dtype": dtype.name,
-            "eot_id": tok.eos_id,
-            "splits": splits,
-            "sources": hashes,
-            "replaced_characters": corpus.replaced_characters,
-            "seed": seed,
+            "format": FORMAT, "tokenizer": tok.describe(), "dtype": dtype.name, "eot_id": tok.eos_id,
+            "splits": splits, "sources": hashes, "replaced_characters": corpus.replaced_characters, "seed": seed,
             "val_fraction": None if val_documents is not None else
             (DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction),
-            "val_documents": val_documents,
-            "delimiter": delimiter,
-            "delimiter_regex": delimiter_regex,
-            "split_by": mode,
-            "documents": documents,
-            "min_val_tokens": min_val_tokens,
+            "val_documents": val_documents, "delimiter": delimiter, "delimiter_regex": delimiter_regex,
+            "split_by": mode, "documents": documents, "min_val_tokens": min_val_tokens,
             "source": corpus.describe(),
         }
         atomic_write_json(tmp / "manifest.json", manifest)
         replace_dir(tmp, out)  # renames; the old data set is removed only afterwards
     except BaseException:
-        for writer in writers.values():
-            writer._close_file()
         shutil.rmtree(tmp, ignore_errors=True)
         full = disk_full_error(sys.exc_info()[1], out)
         if full is not None:
