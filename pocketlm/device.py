@@ -39,6 +39,12 @@ def precision_dtype(precision: str) -> torch.dtype:
     return PRECISION_DTYPES[precision]
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, None while autocast is off there: the one place
+    layers ask (a layer that casts by hand must cast as autocast would)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device a model's (first) parameter lives on."""
     return next(model.parameters()).device

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from pocketlm import ops
+from pocketlm.device import autocast_dtype
 from pocketlm.errors import UserError
 
 
@@ -134,9 +135,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the output is already in the autocast dtype: the next linear layer would cast
         # it there anyway (same numbers), and what it saves for backward is half the size.
-        kind = x.device.type
-        out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-        return ops.rms_norm(x, self.weight, self.eps, out_dtype)
+        return ops.rms_norm(x, self.weight, self.eps, autocast_dtype(x.device.type))
 
 
 def _norm(config: ModelConfig) -> nn.Module:
@@ -569,8 +568,8 @@ class GPT(nn.Module):
         if weight.shape[0] > self.config.vocab_size:  # padding rows never become logits
             weight = weight[: self.config.vocab_size]
         kind = x.device.type
-        if torch.is_autocast_enabled(kind):  # cast as autocast would cast lm_head's inputs
-            dtype = torch.get_autocast_dtype(kind)
+        dtype = autocast_dtype(kind)
+        if dtype is not None:  # cast as autocast would cast lm_head's inputs
             x, weight = x.to(dtype), weight.to(dtype)
         elif x.dtype != weight.dtype:
             x = x.to(weight.dtype)

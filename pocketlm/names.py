@@ -32,6 +32,10 @@ TARGET_MODULES: dict[str, dict[str, list[str]]] = {
     },
 }
 
+# Number formats `pocketlm quantize --format` writes, and those `finetune --qat` trains against.
+QUANT_FORMATS: tuple[str, ...] = ("fp64", "fp32", "fp16", "bf16", "fp8", "int8", "int4", "nf4")
+QAT_FORMATS: tuple[str, ...] = ("int8", "int4", "fp8")
+
 # Model export formats (`pocketlm export --format`) and GGUF tensor types it writes.
 EXPORT_FORMATS: tuple[str, ...] = ("hf", "gguf")
 GGUF_EXPORT_TYPES: tuple[str, ...] = ("fp32", "fp16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pocketlm.device import autocast_dtype
+
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Attention backward works on blocks of probabilities of about this size: the (T x T) temporaries
@@ -163,8 +165,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """
     gqa = k.shape[1] != q.shape[1]
     kind = q.device.type
-    if torch.is_autocast_enabled(kind):  # SDPA runs in the autocast dtype; so does this
-        dtype = torch.get_autocast_dtype(kind)
+    dtype = autocast_dtype(kind)
+    if dtype is not None:  # SDPA runs in the autocast dtype; so does this
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     usable = (
         _FLASH_CPU is not None and kind == "cpu" and q.dim() == 4 and q.dtype in _FLASH_DTYPES

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pocketlm.device import autocast_dtype
+
 # The 16 NF4 levels, exactly as bitsandbytes and torchao define them (normal quantiles, rescaled to
 # [-1, 1], with an exact zero).
 NF4_LEVELS = (
@@ -150,10 +152,7 @@ class NF4Linear(nn.Module):
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer computes in: the autocast dtype when autocast is on, else x's dtype."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    return autocast_dtype(x.device.type) or x.dtype
 
 
 def quantized_bytes(module: nn.Module) -> int:

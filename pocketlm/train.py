@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pocketlm.data.batches import TokenBatchSource, read_manifest
+from pocketlm.data.batches import TokenBatchSource
+from pocketlm.data.manifest import load_manifest
 from pocketlm.device import autocast, default_precision, peak_memory_bytes, precision_dtype
 from pocketlm.distributed import (
     accumulation_steps,
@@ -511,7 +512,7 @@ def trainer_on_windows(model: GPT, tokenizer: Tokenizer, windows: torch.Tensor, 
 
 def build_model(name: str, data_dir: str, seed: int, pad_vocab: int | None = None) -> tuple[GPT, Tokenizer]:
     """A freshly initialised model whose vocabulary is the data set's tokenizer."""
-    read_manifest(data_dir)  # a clear error if DIR is not a prepared data set
+    load_manifest(data_dir)  # a clear error if DIR is not a prepared data set
     tokenizer = load_tokenizer(data_dir)
     vocab = tokenizer.vocab_size
     padded = -(-vocab // pad_vocab) * pad_vocab if pad_vocab else None

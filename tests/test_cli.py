@@ -20,6 +20,10 @@ def test_cli_choices_match_the_library():
 
     assert finetune_cli.METHODS == finetune.METHODS
     assert export_cli.GGUF_EXPORT_TYPES == names.GGUF_EXPORT_TYPES
+    from pocketlm.cli import quantize as quantize_cli
+    from pocketlm.compress import formats, qat
+
+    assert quantize_cli.QUANT_FORMATS == formats.FORMATS and finetune_cli.QAT_FORMATS == qat.QAT_FORMATS
 
 
 def test_every_subcommand_has_help():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import sacrebleu
@@ -23,6 +22,7 @@ from pocketlm.eval.generation_eval import (
 )
 from pocketlm.generate import SamplingSettings, generate
 from pocketlm.model import GPT, ModelConfig
+from pocketlm.recipe import TrainConfig
 from pocketlm.tokenizer import load_tokenizer
 
 
@@ -130,7 +130,7 @@ def test_forgetting_compares_before_and_after(model, tok):
 def test_evaluate_during_training_is_greedy_and_restores_training_mode(model, tok, sonnet_rows, tmp_path):
     path = tmp_path / "prompts.jsonl"
     write_jsonl(path, sonnet_rows[:2] + [{"prompt": "x " * 200, "reference": "too long: skipped"}])
-    cfg = SimpleNamespace(eval_prompts=str(path), eval_form="sonnet", eval_max_new_tokens=8)
+    cfg = TrainConfig(eval_prompts=str(path), eval_form="sonnet", eval_max_new_tokens=8)
     model.train()
     first = evaluate_during_training(model, tok, cfg)
     assert model.training  # the loop's mode is left as it was
@@ -138,4 +138,4 @@ def test_evaluate_during_training_is_greedy_and_restores_training_mode(model, to
     assert set(first) == {"chrf", "form_pass_rate", "distinct_1", "distinct_2", "repeated_4gram_rate"}
     assert first == evaluate_during_training(model, tok, cfg)  # greedy: the same numbers every time
     assert first["form_pass_rate"] == 0.0
-    assert evaluate_during_training(model, tok, SimpleNamespace(eval_prompts=None)) == {}
+    assert evaluate_during_training(model, tok, TrainConfig()) == {}

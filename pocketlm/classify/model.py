@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from pocketlm.device import autocast_dtype
 from pocketlm.errors import UserError
 
 HEAD = "score"
@@ -121,7 +122,7 @@ def _pooled_logits(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -
     # ln_f works per token: normalising only the pooled rows gives the same numbers for less work.
     pooled = model.transformer.ln_f(last)
     head = getattr(model, HEAD)
-    return head(pooled if torch.is_autocast_enabled(pooled.device.type) else pooled.to(head.weight.dtype))
+    return head(pooled if autocast_dtype(pooled.device.type) is not None else pooled.to(head.weight.dtype))
 
 
 def classifier_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -132,7 +133,7 @@ def classifier_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     saves more padded positions than it costs; each row's logits are the same either way.
     """
     if not has_head(model):
-        raise UserError("the model has no classification head: load it with pocketlm.classify.load_classifier "
+        raise UserError("the model has no classification head: load it with pocketlm.classify.io.load_classifier "
                         "or add one with attach_head")
     ids, lengths = pack_left(input_ids, attention_mask)
     if group_overhead is None or ids.shape[0] < 2:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pocketlm.classify.model import classifier_logits, pad_batch
+from pocketlm.device import model_device
 
 
 @torch.no_grad()
@@ -24,7 +25,7 @@ def predict_logits(model, ids: list[list[int]], *, pad_id: int, batch_size: int 
 
     from pocketlm.device import autocast
 
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out = torch.empty(len(ids), model.score.out_features, dtype=torch.float32)
     was_training = model.training

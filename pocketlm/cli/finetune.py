@@ -11,7 +11,7 @@ import json
 
 from pocketlm.cli.common import HelpFormatter
 from pocketlm.errors import UserError
-from pocketlm.names import CLASSIFY_METHODS, METHODS
+from pocketlm.names import CLASSIFY_METHODS, METHODS, QAT_FORMATS
 from pocketlm.recipe import add_adapter_arguments, add_train_arguments, config_from_args
 
 
@@ -47,7 +47,7 @@ def register(subparsers) -> None:
                         help="try these learning rates in short runs first and keep the best (e.g. 1e-4,3e-4,1e-3)")
     search.add_argument("--lr-search-steps", type=int, default=50, metavar="N", help="steps of each short run")
     qat = p.add_argument_group("quantization-aware training (full fine-tuning)")
-    qat.add_argument("--qat", choices=("int8", "int4", "fp8"), default=None,
+    qat.add_argument("--qat", choices=QAT_FORMATS, default=None,
                      help="train through fake quantization to this format; then `pocketlm quantize RUN --format F`")
     qat.add_argument("--qat-group-size", type=int, choices=(32, 64, 128), default=32, help="int4 group size")
     qat.add_argument("--qat-scheme", choices=("sym", "asym"), default="sym", help="int4 scheme")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-FORMATS = ("fp64", "fp32", "fp16", "bf16", "fp8", "int8", "int4", "nf4")  # = compress.formats.FORMATS
+from pocketlm.cli.common import HelpFormatter
+from pocketlm.names import QUANT_FORMATS
 
 
 def register(subparsers) -> None:
@@ -20,11 +21,11 @@ def register(subparsers) -> None:
                     "output channel; int4: groups along the input (sym or asym); fp8: e4m3 with a per-channel "
                     "scale; nf4: QLoRA's NormalFloat. Embeddings and the output head are int8 unless skipped. "
                     "With --formats and --eval, one folder per format and a compression table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE", help="built-in base, model folder, run directory, .gguf or Hub id")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--format", choices=FORMATS, help="the target format")
+    which.add_argument("--format", choices=QUANT_FORMATS, help="the target format")
     which.add_argument("--formats", metavar="F,F,...",
                        help="several formats (e.g. fp32,bf16,fp8,int8,int4): one folder each under --out, "
                             "and the compression table (needs --eval)")

@@ -22,11 +22,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from pocketlm.device import PRECISION_DTYPES
 from pocketlm.errors import UserError
+from pocketlm.names import QUANT_FORMATS
 
-FLOAT_FORMATS = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOAT_FORMATS = {"fp64": torch.float64, **PRECISION_DTYPES}  # the precisions' dtypes, and fp64 for storage
 PACKED_FORMATS = ("fp8", "int8", "int4", "nf4")
-FORMATS = ("fp64", "fp32", "fp16", "bf16", "fp8", "int8", "int4", "nf4")
+FORMATS = QUANT_FORMATS
 GROUP_SIZES = (32, 64, 128)
 SCHEMES = ("sym", "asym")
 # Bits a weight costs, scales included (for ordering formats: quantizing to a higher precision is refused).

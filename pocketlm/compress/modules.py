@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pocketlm.compress import formats as fm
+from pocketlm.device import autocast_dtype
 
 DEFAULT_COMPUTE = torch.bfloat16
 # The last input cast to the compute dtype: (x, x._version, dtype, cast). Holding x keeps its id from being
@@ -48,9 +49,7 @@ class _QuantLinear(nn.Module):
         return self.dequantized_weight(dtype)
 
     def _cdt(self, x: torch.Tensor) -> torch.dtype:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return self.compute_dtype or x.dtype
+        return autocast_dtype(x.device.type) or self.compute_dtype or x.dtype
 
     def _cast_input(self, x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
         """x as (-1, in_features) in the compute dtype. q/k/v (and gate/up) read the same x: it is cast once

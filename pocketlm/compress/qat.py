@@ -25,8 +25,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from pocketlm.compress import formats as fm
 from pocketlm.errors import UserError
+from pocketlm.names import QAT_FORMATS
 
-QAT_FORMATS = ("int8", "int4", "fp8")
 QAT_METHODS = ("full",)
 
 

@@ -19,17 +19,12 @@ from pocketlm.data.manifest import load_manifest
 from pocketlm.errors import UserError
 
 
-def read_manifest(data_dir: str | Path) -> dict:
-    """A prepared data set's manifest, checked (pocketlm.data.manifest)."""
-    return load_manifest(data_dir)
-
-
 class TokenSplit:
     """One split (train or val) of a prepared data set, memory-mapped."""
 
     def __init__(self, data_dir: str | Path, split: str) -> None:
         self.dir = Path(data_dir)
-        self.manifest = read_manifest(self.dir)
+        self.manifest = load_manifest(self.dir)
         if split not in self.manifest["splits"]:
             raise UserError(f"{data_dir} has no {split!r} split (it has {', '.join(self.manifest['splits'])})")
         info = self.manifest["splits"][split]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pocketlm.device import model_device
 from pocketlm.errors import UserError
 
 DEFAULT_CONTEXT = 1024  # two (window x vocabulary) fp32 logits at a time: 400 MB for SmolLM2 at 1024
@@ -34,8 +35,8 @@ def compare_models(model, baseline, ids: list[int], *, start: int | None, contex
     kl_total, agree, count = 0.0, 0, 0
     for window in _windows(ids, start, ctx):
         x = window[:-1][None]
-        logp = F.log_softmax(model(x.to(_device(model)))[0][0, :, :vocab].float().cpu(), dim=-1)
-        logq = F.log_softmax(baseline(x.to(_device(baseline)))[0][0, :, :vocab].float().cpu(), dim=-1)
+        logp = F.log_softmax(model(x.to(model_device(model)))[0][0, :, :vocab].float().cpu(), dim=-1)
+        logq = F.log_softmax(baseline(x.to(model_device(baseline)))[0][0, :, :vocab].float().cpu(), dim=-1)
         kl_total += float((logq.exp() * (logq - logp)).sum())
         agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
         count += x.shape[1]
@@ -57,10 +58,6 @@ def compare_on_text(model, baseline, tokenizer, baseline_tokenizer, text: str, *
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return compare_models(model, baseline, ids, start=start_token(tokenizer), context=context)
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def model_size_bytes(source: str | Path) -> int | None:

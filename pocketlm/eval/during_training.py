@@ -10,9 +10,13 @@ model's context is skipped, never allowed to stop the training run.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pocketlm.eval.forms import get_form
 from pocketlm.eval.generation_eval import hypothesis, read_prompt_pairs, score_generations
+
+if TYPE_CHECKING:
+    from pocketlm.recipe import TrainConfig
 
 MAX_PROMPTS = 4
 MAX_NEW_TOKENS = 128
@@ -27,18 +31,18 @@ def _prompts(path: str) -> list[dict]:
     return _cache[key]
 
 
-def evaluate_during_training(model, tokenizer, cfg) -> dict:
+def evaluate_during_training(model, tokenizer, cfg: TrainConfig) -> dict:
     """{"chrf" (if the prompts have references), "form_pass_rate" (if cfg.eval_form), "distinct_2",
     "repeated_4gram_rate"} from greedy completions of the first prompts of cfg.eval_prompts."""
     from pocketlm.generate import SamplingSettings, generate
 
-    path = getattr(cfg, "eval_prompts", None)
+    path = cfg.eval_prompts
     if not path:
         return {}
-    rows = _prompts(path)[: int(getattr(cfg, "eval_num_prompts", None) or MAX_PROMPTS)]
-    wanted = int(getattr(cfg, "eval_max_new_tokens", None) or MAX_NEW_TOKENS)
+    rows = _prompts(path)[: int(cfg.eval_num_prompts or MAX_PROMPTS)]
+    wanted = int(cfg.eval_max_new_tokens or MAX_NEW_TOKENS)
     block = int(model.config.block_size)
-    form = get_form(cfg.eval_form) if getattr(cfg, "eval_form", None) else None
+    form = get_form(cfg.eval_form) if cfg.eval_form else None
     stop = list(form.generation_stop) if form is not None else []
     out = []
     was_training = model.training

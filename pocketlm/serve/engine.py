@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pocketlm.device import model_device
 from pocketlm.generate import IncrementalDecoder, SamplingSettings, draw_tokens, processed_logits
 from pocketlm.memory import release_free_memory
 
@@ -109,7 +110,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.trim_after_s = 1.0  # idle this long, then memory goes back to the OS
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.cache = model.new_batch_cache()
         self.running: list[_Sequence] = []  # row i of the cache is running[i]
         self.waiting: collections.deque[Request] = collections.deque()

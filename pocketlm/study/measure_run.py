@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pocketlm.atomic import atomic_write_json
+from pocketlm.device import model_device
 from pocketlm.errors import UserError
 
 MEASURES_FILE = "measures.json"
@@ -179,7 +180,7 @@ def _forgetting(model, tokenizer, options, payload, run, data_dir, base) -> dict
     if cached.exists():
         before = json.loads(cached.read_text())["bits_per_byte"]
     else:
-        base_model, base_tok = load_model(base, device=next(model.parameters()).device)
+        base_model, base_tok = load_model(base, device=model_device(model))
         before = _probe(base_model.eval(), base_tok, text, max_tokens)
         del base_model
         atomic_write_json(cached, {"base": base, "bits_per_byte": before})
@@ -194,7 +195,7 @@ def _kl(model, tokenizer, options, payload, run, data_dir, base) -> dict:
 
     if base is None:
         return {"kl_from_base": None}
-    device = next(model.parameters()).device
+    device = model_device(model)
     base_model, _ = load_model(base, device=device)
     base_model.eval()
     tokens, _ = load_split_tokens(data_dir, "val", int(options.get("max_tokens") or 4096))
