@@ -235,13 +235,19 @@ def test_finetune_with_no_shape_flags_works_on_a_cpu_and_says_what_it_chose(tiny
 
 
 # -- help and warnings ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", ["pretrain", "finetune", "generate", "eval", "export", "merge", "demo",
-                                     "prepare", "models"])
+def _every_command() -> list[str]:
+    from pocketlm.cli import COMMAND_MODULES
+
+    return COMMAND_MODULES + ["study run", "study report", "study list"]
+
+
+@pytest.mark.parametrize("command", _every_command())
 def test_help_never_says_default_none(command):
-    out = subprocess.run([sys.executable, "-m", "pocketlm", command, "--help"], capture_output=True, text=True,
-                         env={"COLUMNS": "200", "PATH": "", "PYTHONPATH": str(Path(__file__).parents[1])})
+    out = subprocess.run([sys.executable, "-m", "pocketlm", *command.split(), "--help"], capture_output=True,
+                         text=True, env={"COLUMNS": "200", "PATH": "", "PYTHONPATH": str(Path(__file__).parents[1])})
     assert out.returncode == 0, out.stderr
-    assert "(default: None)" not in out.stdout and "(default: False)" not in out.stdout
+    for empty in ("(default: None)", "(default: False)", "(default: )", "(default: [])"):
+        assert empty not in out.stdout, f"pocketlm {command} --help says {empty}"
 
 
 def test_finetune_help_shows_effective_defaults():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pocketlm.cli.common import HelpFormatter
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -14,7 +16,7 @@ def register(subparsers) -> None:
         "and append one record per sample to a JSONL file, fsynced line by line. Rerunning the same command "
         "continues where a killed run stopped and ends with exactly --samples records. The kept records are a "
         "corpus for `pocketlm prepare FILE.jsonl --text-field text`; a report goes to FILE.report.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--teacher", required=True, metavar="URL_OR_SOURCE",
                    help="http(s)://host:port[/v1] of an OpenAI-compatible server, or a model SOURCE")
