@@ -5,7 +5,7 @@
 
 The base is exported once to a temporary Hugging Face folder; each side then runs in its own subprocess
 (so peak memory, ru_maxrss on CPU, is not polluted by the other) and loads that folder: pocketlm with
-checkpoint.load_model and drives pocketlm.train.Trainer.step() (what `pocketlm finetune` runs), transformers
+pocketlm.io.load_model and drives pocketlm.train.Trainer.step() (what `pocketlm finetune` runs), transformers
 loads it with AutoModelForCausalLM and runs a plain loop: AdamW, forward, cross-entropy in fp32, backward, step; the first `--warmup` steps are not timed. The loss of
 the first step is printed for both: equal weights and batch give equal losses.
 """
