@@ -192,9 +192,15 @@ class BatchKVCache:
     Row r holds its sequence at positions [0, lengths[r]). A step feeds T new tokens to every row; each
     row's tokens go to its own positions (position embedding or RoPE there), and attention masks every
     position past the row's end, so rows of different lengths decode together in one forward pass.
-    Rows are kept compact (0..rows-1): `append` adds a sequence prefilled in a single-row `KVCache`,
-    `remove` moves the last row into the freed one. Storage grows on demand and is freed when the last
-    row leaves, so an idle server holds no cache.
+    Rows are kept compact (0..rows-1): `append` adds a sequence prefilled in a single-row `KVCache` (or
+    in a row of another BatchKVCache), `remove` moves the last row into the freed one. Storage grows on
+    demand and is freed when the last row leaves, so an idle server holds no cache.
+
+    Ragged steps (prompts of different lengths prefilled together): `add_rows(n)` adds empty rows and
+    `feed(counts)` says that only the first counts[r] of the next step's T tokens of row r are real, the
+    rest right padding. Padding writes keys/values past the row's end, where the mask hides them and the
+    next step overwrites them; the row advances by its count, and the forward pass returns the logits of
+    each row's last real token.
     """
 
     def __init__(self, config: ModelConfig, device, dtype) -> None:
@@ -203,6 +209,7 @@ class BatchKVCache:
         self.v: list[torch.Tensor] = []
         self.lengths: list[int] = []
         self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+        self._counts: list[int] | None = None  # real tokens per row in the next step (None: all T)
 
     @property
     def rows(self) -> int:
@@ -234,16 +241,26 @@ class BatchKVCache:
                 else:
                     store.append(fresh)
 
-    def append(self, source: KVCache, copies: int = 1) -> int:
-        """Add `copies` rows holding the sequence in row 0 of `source`; returns the first new row."""
-        n = source.pos
+    def append(self, source: KVCache | BatchKVCache, copies: int = 1, row: int = 0) -> int:
+        """Add `copies` rows holding the sequence in row `row` of `source`; returns the first new row."""
+        n = source.pos if isinstance(source, KVCache) else source.lengths[row]
         first = self.rows
         self._reserve(first + copies, n + 1)
         for layer in range(self.config.n_layer):
             for store, src in ((self.k, source.k), (self.v, source.v)):
-                store[layer][first : first + copies, :, :n] = src[layer][:1, :, :n]
+                store[layer][first : first + copies, :, :n] = src[layer][row : row + 1, :, :n]
         self.lengths.extend([n] * copies)
         return first
+
+    def add_rows(self, n: int) -> None:
+        """`n` empty rows (length 0) at the end; their storage is reserved by the next step."""
+        self.lengths.extend([0] * n)
+
+    def feed(self, counts: list[int]) -> None:
+        """The next step's tokens are real only up to counts[r] in row r (1 <= counts[r] <= T)."""
+        if len(counts) != self.rows or min(counts, default=1) < 1:
+            raise ValueError(f"feed needs one count >= 1 per row ({self.rows} rows), got {counts}")
+        self._counts = list(counts)
 
     def remove(self, row: int) -> int | None:
         """Drop `row`; the last row moves into its place. Returns the moved row's old index, if any."""
@@ -287,9 +304,17 @@ class BatchKVCache:
         self.v[layer][rows, :, positions] = v.transpose(1, 2)
         return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]
 
-    def end_step(self, T: int) -> None:
-        self.lengths = [n + T for n in self.lengths]
-        self._step = None
+    def end_step(self, T: int) -> torch.Tensor | None:
+        """Advance every row past its tokens; returns the index of each row's last real token in a
+        ragged step (see `feed`), else None (the last token, T - 1, for every row)."""
+        counts, self._counts, self._step = self._counts, None, None
+        if counts is None:
+            self.lengths = [n + T for n in self.lengths]
+            return None
+        if max(counts) > T:
+            raise ValueError(f"feed counts {counts} exceed the {T} tokens of the step")
+        self.lengths = [n + c for n, c in zip(self.lengths, counts)]
+        return torch.tensor(counts, device=self.device) - 1
 
 
 class CausalSelfAttention(nn.Module):
@@ -515,7 +540,8 @@ class GPT(nn.Module):
 
         Training passes return_logits=False: the loss then comes from _LMHeadLoss, which never holds
         the whole logits tensor, and the logits returned are None. With a BatchKVCache, row b of `idx`
-        continues the cache's row b, each at its own position.
+        continues the cache's row b, each at its own position (after `cache.feed(counts)`, only the
+        first counts[b] tokens of row b are real and its logits are those of the last real one).
         """
         B, T = idx.shape
         batch_cache = isinstance(cache, BatchKVCache)
@@ -546,13 +572,14 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, layer, use_reentrant=False)
             else:
                 x = block(x, rope, cache, layer)
+        last = None  # a ragged batch step: each row's last real token (else position T - 1)
         if batch_cache:
-            cache.end_step(T)
+            last = cache.end_step(T)
         elif cache is not None:
             cache.pos += T
+        if targets is None and cache is not None:  # generation needs only the last position's logits
+            x = x[:, -1:, :] if last is None else x[torch.arange(B, device=x.device), last][:, None]
         x = self.transformer.ln_f(x)
-        if targets is None and cache is not None:
-            x = x[:, -1:, :]  # generation needs only the last position's logits
         if targets is not None and not return_logits and type(self.lm_head) is nn.Linear:
             return None, self._chunked_loss(x, targets)
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # drop padding rows

@@ -119,6 +119,88 @@ def test_batch_cache_decodes_rows_of_different_lengths_like_full_recomputation(f
         assert cache.nbytes() == 0  # empty: storage freed
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ragged_batch_prefill_equals_one_prompt_at_a_time(family):
+    """Prompts of different lengths prefilled together (right-padded, `feed`) give each prompt's own
+    last-token logits and keys/values: decoding on from them matches prompts prefilled one by one."""
+    model = _model(family)
+    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (5, 13, 1)]
+    with torch.inference_mode():
+        single, expected = model.new_batch_cache(), []
+        for p in prompts:
+            c = model.new_cache(1, len(p))
+            expected.append(model(torch.tensor([p]), cache=c)[0][0, -1])
+            single.append(c)
+        ragged = model.new_batch_cache()
+        ragged.add_rows(3)
+        ragged.feed([len(p) for p in prompts])
+        T = max(len(p) for p in prompts)
+        padded = torch.tensor([p + [7] * (T - len(p)) for p in prompts])  # padding: any token
+        logits = model(padded, cache=ragged)[0][:, -1]
+        assert ragged.lengths == [5, 13, 1]
+        torch.testing.assert_close(logits, torch.stack(expected), rtol=1e-4, atol=1e-4)
+        merged = model.new_batch_cache()  # rows copied out of the ragged cache, as the engine does
+        for row in (2, 0, 1):
+            merged.append(ragged, row=row)
+        assert merged.lengths == [1, 5, 13]
+        nxt = torch.tensor([[int(logits[r].argmax())] for r in (2, 0, 1)])
+        a = model(nxt, cache=merged)[0][:, -1]
+        b = model(nxt, cache=_reordered(model, single, (2, 0, 1)))[0][:, -1]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError):
+            ragged.feed([1, 2])  # one count per row
+
+
+def _reordered(model, cache, order):
+    out = model.new_batch_cache()
+    for r in order:
+        out.append(cache, row=r)
+    return out
+
+
+def test_prompts_that_wait_together_are_prefilled_in_one_pass(model, tok):
+    """Short prompts queued together cost one prefill pass; each request's greedy text is still generate's."""
+    from pocketlm.serve.engine import Engine, Finish, Request, Token
+
+    prompts = ["ROMEO: But soft", "A", "To be, or not", "Hello"]
+    engine = Engine(model, tok, max_batch=8, prefill_chunk=128)
+    texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+    done = threading.Semaphore(0)
+
+    def emit_for(i):
+        def emit(events):
+            for e in events:
+                if isinstance(e, Token | Finish):
+                    texts[i].append(e.text)
+                if isinstance(e, Finish):
+                    done.release()
+        return emit
+
+    for i, prompt in enumerate(prompts):  # all waiting before the engine thread starts
+        engine.submit(Request(tok.encode(prompt), SamplingSettings(max_new_tokens=20, temperature=0), emit_for(i)))
+    engine.start()
+    try:
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert engine.stats.prefill_passes == 1 and engine.stats.grouped_prefills == 1
+    assert engine.stats.prefill_tokens == sum(len(tok.encode(p)) for p in prompts)
+    for i, prompt in enumerate(prompts):
+        assert "".join(texts[i]) == _greedy(model, tok, prompt, 20)
+    # a budget smaller than the padded group: the prompts are prefilled in several passes
+    engine = Engine(model, tok, max_batch=8, prefill_chunk=8)
+    for i, prompt in enumerate(prompts):
+        engine.submit(Request(tok.encode(prompt), SamplingSettings(max_new_tokens=2, temperature=0), emit_for(i)))
+    engine.start()
+    try:
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    assert engine.stats.prefill_passes >= 2
+
+
 def test_presence_and_frequency_penalties_subtract_per_generated_token():
     logits = torch.zeros(1, 4)
     out = apply_presence_frequency_penalty(logits, torch.tensor([[1, 1, 3, -1]]), presence=0.5, frequency=0.25)

@@ -3,7 +3,12 @@
 One background thread owns the model. Each iteration it
 1. admits waiting requests while batch rows are free, prefilling each prompt in chunks of at most
    `prefill_chunk` tokens per iteration (a long prompt is spread over several iterations, so the
-   requests already decoding are not stalled for the whole prompt), then samples its first tokens;
+   requests already decoding are not stalled for the whole prompt), then samples its first tokens.
+   Short prompts that wait together are prefilled together, in one forward pass over a ragged
+   `BatchKVCache` (right-padded to the longest; padded tokens count against the budget): on a CPU a
+   forward pass over a few tokens costs about as much as one over a single token (reading the
+   weights dominates), so 8 requests that arrive at once cost one prefill instead of 8, and the
+   running ones are stalled once;
 2. runs one decode step for every running sequence at once: one forward pass over a
    `BatchKVCache` whose rows have different lengths, then sampling per group of equal settings.
 A sequence that finishes (end-of-text, a stop token or string, max_tokens) or whose client went away
@@ -98,6 +103,8 @@ class EngineStats:
     max_rows: int = 0  # most sequences advanced by one decode step
     rows_decoded: int = 0  # sum over decode steps of the sequences advanced
     prefill_tokens: int = 0
+    prefill_passes: int = 0  # forward passes spent on prompts
+    grouped_prefills: int = 0  # of those, passes that prefilled two or more prompts together
     generated_tokens: int = 0
     requests: int = 0
     cancelled: int = 0
@@ -193,6 +200,10 @@ class Engine:
                     continue
                 if len(self.running) + request.settings.num_samples > self.max_batch:
                     return  # wait for rows to free up
+                group = self._short_prompts(budget)
+            if len(group) >= 2:
+                budget -= self._prefill_group(group)
+                continue
             try:
                 budget -= self._prefill_chunk(request, budget)
             except Exception as exc:  # noqa: BLE001 - this request's failure only
@@ -205,6 +216,55 @@ class Engine:
                 with self._cond:
                     self.waiting.popleft()
 
+    def _short_prompts(self, budget: int) -> list[Request]:
+        """Waiting requests from the head, not yet started, whose whole prompts fit in `budget` tokens
+        when right-padded to the longest of them and whose choices fit in the free rows. Called
+        with the lock held."""
+        group: list[Request] = []
+        rows, longest = len(self.running), 0
+        for request in self.waiting:
+            if request.cancelled:
+                continue
+            size = max(longest, len(request.prompt))
+            rows += request.settings.num_samples
+            if request.prefilled or rows > self.max_batch or size * (len(group) + 1) > budget:
+                break
+            group.append(request)
+            longest = size
+        return group
+
+    def _prefill_group(self, group: list[Request]) -> int:
+        """Prefill the prompts of `group` in one forward pass and start their choices; returns the
+        budget used (the padded tokens). A failure fails these requests only."""
+        with self._cond:
+            for request in group:
+                self.waiting.remove(request)
+        T = max(len(r.prompt) for r in group)
+        try:
+            cache = self.model.new_batch_cache()
+            cache.add_rows(len(group))
+            cache.feed([len(r.prompt) for r in group])
+            ids = torch.tensor([r.prompt + [r.prompt[-1]] * (T - len(r.prompt)) for r in group], dtype=torch.long,
+                               device=self.device)
+            logits = self.model(ids, cache=cache)[0][:, -1, :]
+        except Exception as exc:  # noqa: BLE001 - these requests' failure only
+            self.stats.failed += len(group)
+            for request in group:
+                request.emit([Failure(f"{type(exc).__name__}: {exc}")])
+            return len(group) * T
+        self.stats.prefill_passes += 1
+        self.stats.grouped_prefills += 1
+        for row, request in enumerate(group):
+            request.prefilled = len(request.prompt)
+            self.stats.prefill_tokens += len(request.prompt)
+            try:
+                events = [self._prompt_logprobs(request)] if request.prompt_logprobs else []
+                self._start_choices(request, logits[row : row + 1], events, source=cache, row=row)
+            except Exception as exc:  # noqa: BLE001 - this request's failure only
+                self.stats.failed += 1
+                request.emit([Failure(f"{type(exc).__name__}: {exc}")])
+        return len(group) * T
+
     def _prefill_chunk(self, request: Request, budget: int) -> int:
         """Feed up to `budget` more prompt tokens; after the last chunk, start the choices."""
         prompt = request.prompt
@@ -216,9 +276,10 @@ class Engine:
         logits = self.model(ids, cache=request.cache)[0][:, -1, :]
         request.prefilled = end
         self.stats.prefill_tokens += end - start
+        self.stats.prefill_passes += 1
         if end == len(prompt):
             events = [self._prompt_logprobs(request)] if request.prompt_logprobs else []
-            self._start_choices(request, logits, events)
+            self._start_choices(request, logits, events, source=request.cache)
             request.cache = None
         return end - start
 
@@ -229,7 +290,9 @@ class Engine:
         top = _top(logprobs, request.logprobs or 0)
         return PromptLogprobs([None, *chosen], [None, *top] if top is not None else [None] * len(request.prompt))
 
-    def _start_choices(self, request: Request, logits: torch.Tensor, events: list[Event]) -> None:
+    def _start_choices(self, request: Request, logits: torch.Tensor, events: list[Event], source, row: int = 0) -> None:
+        """Sample each choice's first token from `logits` (1, V); the prompt's keys and values are row
+        `row` of `source` (a KVCache or BatchKVCache), copied into one batch row per running choice."""
         settings = request.settings
         n = settings.num_samples
         context = request.prompt[-4:]
@@ -245,7 +308,7 @@ class Engine:
         survivors = self._advance(seqs, tokens, logprobs, events)
         request.emit(events)
         if survivors:  # one cache row per choice still running, each a copy of the prompt's
-            self.cache.append(request.cache, copies=len(survivors))
+            self.cache.append(source, copies=len(survivors), row=row)
             self.running.extend(survivors)
 
     def _decode_step(self) -> None:
