@@ -29,16 +29,21 @@ def test_a_data_sets_manifest_has_one_reader():
     assert readers == ["pocketlm/data/manifest.py:load_manifest"]
 
 
-@pytest.mark.parametrize("pattern,what", [
-    (r"parameters\(\)\)\.device", "a model's device (pocketlm.device.model_device)"),
-    (r"get_autocast_dtype|is_autocast_enabled", "the autocast dtype (pocketlm.device.autocast_dtype)"),
-    (r"[\"']bf16[\"']\s*:\s*torch\.bfloat16", "the precision -> dtype table (pocketlm.device.PRECISION_DTYPES)"),
+@pytest.mark.parametrize("pattern,home,what", [
+    (r"\.to_empty\(", "pocketlm/model.py", "the meta-device build with re-tied weights (GPT.empty)"),
+    (r"parameters\(\)\)\.device", HOME, "a model's device (pocketlm.device.model_device)"),
+    (r"get_autocast_dtype|is_autocast_enabled", HOME, "the autocast dtype (pocketlm.device.autocast_dtype)"),
+    (r"[\"']bf16[\"']\s*:\s*torch\.bfloat16", HOME, "the precision -> dtype table (device.PRECISION_DTYPES)"),
 ])
-def test_device_lookups_have_one_home(pattern, what):
+def test_each_lookup_and_build_has_one_home(pattern, home, what):
     found = [path for path, text in _sources().items() if re.search(pattern, text)]
-    assert found == [HOME], f"{what} is looked up outside {HOME}: {found}"
-    assert not [f"{path}:{name}" for path, text in _sources().items() for name in _functions(text)
-                if name in ("_model_device", "model_device") and path != HOME]
+    assert found == [home], f"{what} is written outside {home}: {found}"
+
+
+def test_model_device_is_defined_once():
+    defined = [f"{path}:{name}" for path, text in _sources().items() for name in _functions(text)
+               if name in ("_model_device", "model_device")]
+    assert defined == [f"{HOME}:model_device"]
 
 
 def _resolves(dotted: str) -> bool:
@@ -122,3 +127,20 @@ def test_during_training_reads_only_fields_the_recipe_has():
     read = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and getattr(n.value, "id", "") == "cfg"}
     dynamic = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "getattr"]
     assert read and read <= {f.name for f in fields(TrainConfig)} and dynamic == []
+
+
+def test_shared_names_are_spelled_only_in_names_py():
+    """Method, precision and format lists once lived in three places kept in sync by hand."""
+    from pocketlm import names
+
+    shared = {tuple(v): k for k, v in vars(names).items() if k.isupper() and isinstance(v, tuple) and len(v) > 2}
+    copies = []
+    for path, text in _sources().items():
+        if path == "pocketlm/names.py":
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.Tuple, ast.List)) and all(isinstance(e, ast.Constant) for e in node.elts):
+                value = tuple(e.value for e in node.elts)
+                if value in shared:
+                    copies.append(f"{path}:{node.lineno} {shared[value]}")
+    assert copies == []

@@ -224,11 +224,7 @@ def load_classifier(source: str | Path, device: str | torch.device = "cpu", dtyp
         tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         model_config = hf.from_hf_config(config, name=folder.name, tokenizer=str(folder) if tokenizer else "")
         tokenizer = tokenizer or load_tokenizer(model_config.tokenizer or "gpt2")
-        with torch.device("meta"):  # no random init: every weight comes from the folder
-            model = GPT(model_config)
-        model = model.to_empty(device="cpu")
-        if model_config.tie_embeddings:  # to_empty gives the shared meta tensor two storages: re-tie
-            model.lm_head.weight = model.transformer.wte.weight
+        model = GPT.empty(model_config)  # no random init: every weight comes from the folder
         attach_head(model, info.num_labels)
         load_state_into(model, read_hf_weights(folder), str(folder))
     model.eval()

@@ -107,7 +107,7 @@ def single_token_logprobs(model, requests: list[tuple[list[int], list[int]]], k:
     some word is several tokens or the k requests of a prompt differ in context (then the general path
     runs). `requests` are k consecutive requests per prompt."""
     from pocketlm.classify.model import hidden_states, pad_batch
-    from pocketlm.device import model_device as _model_device
+    from pocketlm.device import model_device
     from pocketlm.eval.likelihood import _autocast, model_context
 
     groups = [requests[i:i + k] for i in range(0, len(requests), k)]
@@ -115,7 +115,7 @@ def single_token_logprobs(model, requests: list[tuple[list[int], list[int]]], k:
         return None
     max_len = model_context(model, context)
     prompts = [g[0][0][-max_len:] for g in groups]  # cut from the left, as the general path cuts
-    device = _model_device(model)
+    device = model_device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [0.0] * len(requests)
     was_training = model.training
