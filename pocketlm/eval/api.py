@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pocketlm.errors import UserError
+from pocketlm.names import PRECISIONS
 
 
 def _stderr(message: str) -> None:
@@ -161,7 +162,7 @@ def _check_numbers_and_models(req: EvalRequest) -> None:
         raise UserError(f"--max-tokens must be at least 2, got {req.max_tokens}")
     if req.batch_size is not None and req.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {req.batch_size}")
-    if req.precision not in ("auto", "fp32", "bf16", "fp16"):
+    if req.precision not in PRECISIONS:
         raise UserError(f"unknown --precision {req.precision!r}: choose auto, fp32, bf16 or fp16")
     if req.forgetting and req.baseline:
         raise UserError("give either --forgetting (base vs --adapter) or --baseline MODEL, not both")

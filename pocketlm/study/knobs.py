@@ -18,12 +18,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pocketlm.errors import UserError
-from pocketlm.names import ADAPTER_METHODS, TRAIN_METHODS
+from pocketlm.names import ADAPTER_METHODS, PRECISIONS, TRAIN_METHODS
+from pocketlm.names import METHODS as FINETUNE_METHODS
 from pocketlm.recipe import TrainConfig
 
 METHODS = (*TRAIN_METHODS, "none")  # none: no training, the base itself (then post-trained)
 TRAINED = TRAIN_METHODS
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Run-directory plumbing the engine owns: not knobs.
 _NOT_KNOBS = {"out", "resume", "data", "model", "adapter"}  # adapter: the rank/alpha/... knobs below
 
@@ -56,7 +56,7 @@ KNOBS: dict[str, Knob] = {
     **_train_knobs(),
     "base": Knob("base", "str", "the model a fine-tune starts from: a built-in base, a folder, a run, "
                  "a .gguf file, or `cell:NAME` for another cell of the study",
-                 applies=("full", "lora", "qlora", "none")),
+                 applies=(*FINETUNE_METHODS, "none")),
     "arch": Knob("arch", "str", "named model config trained from scratch (pocketlm models)", applies=("pretrain",)),
     "tokenizer": Knob("tokenizer", "str", "tokenizer of a from-scratch model's data", applies=("pretrain",)),
     "rank": Knob("rank", "int", "LoRA rank", applies=ADAPTER_METHODS),
@@ -65,7 +65,7 @@ KNOBS: dict[str, Knob] = {
     "targets": Knob("targets", "str", "LoRA targets: attn, attn+mlp, all-linear or module names",
                     applies=ADAPTER_METHODS),
     "lr_search": Knob("lr_search", "list", "learning rates tried in short runs first", optional=True,
-                      applies=("full", "lora", "qlora")),
+                      applies=FINETUNE_METHODS),
     "qat": Knob("qat", "str", "quantization-aware fine-tuning in this format (int8, int4, fp8; finetune --qat)",
                 optional=True, applies=("full",)),
     "corpus": Knob("corpus", "str", "train this cell on another corpus (a path, or `shakespeare`); measures "
@@ -73,7 +73,7 @@ KNOBS: dict[str, Knob] = {
     "preempt_at": Knob("preempt_at", "int", "kill training with SIGKILL once step N is checkpointed, then "
                        "resume (a preemption, as seed 000's)", optional=True),
     "lr_search_steps": Knob("lr_search_steps", "int", "steps of each learning-rate search run",
-                            applies=("full", "lora", "qlora")),
+                            applies=FINETUNE_METHODS),
 }
 
 DEFAULTS = {"base": "smollm2-135m", "arch": "gpt2-tiny", "tokenizer": "gpt2", "rank": 8,
