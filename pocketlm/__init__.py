@@ -7,8 +7,8 @@ Data flow (one module per stage):
 
 The library calls behind the commands, importable from here (loaded on first use, so `import pocketlm`
 stays light), each taking the command's flags as arguments: prepare, pretrain, finetune, generate,
-evaluate, export, merge, quantize, synthesize, run_study; and load_model, load_tokenizer, save_model,
-Trainer, TrainConfig.
+evaluate, export, merge, quantize, synthesize, run_study, list_models; and load_model, load_tokenizer,
+save_model, Trainer, TrainConfig.
 """
 
 import importlib
@@ -22,7 +22,7 @@ _EXPORTS = {
     "prepare": "pocketlm.data.prepare", "pretrain": "pocketlm.train", "finetune": "pocketlm.finetune",
     "generate": "pocketlm.generate", "evaluate": "pocketlm.eval.api", "export": "pocketlm.io.export",
     "merge": "pocketlm.io.export", "quantize": "pocketlm.compress.api", "synthesize": "pocketlm.synth",
-    "run_study": "pocketlm.study",
+    "run_study": "pocketlm.study", "list_models": "pocketlm.model",
     "load_model": "pocketlm.io.sources", "load_tokenizer": "pocketlm.io.sources", "save_model": "pocketlm.io.folders",
     "Trainer": "pocketlm.train", "TrainConfig": "pocketlm.recipe",
 }

@@ -612,3 +612,18 @@ class GPT(nn.Module):
     def new_batch_cache(self) -> BatchKVCache:
         p = self.transformer.wte.weight
         return BatchKVCache(self.config, p.device, p.dtype if p.is_floating_point() else torch.float32)
+
+
+def list_models() -> list[dict]:
+    """`pocketlm models`: every named config with its exact parameter count (a tied embedding once, as
+    Hugging Face counts), built on the meta device: shapes only, no memory, no initialisation cost."""
+    rows = []
+    for name, cfg in CONFIGS.items():
+        with torch.device("meta"):
+            params = GPT(cfg).num_parameters()
+        rows.append({
+            "name": name, "family": cfg.family, "layers": cfg.n_layer, "heads": cfg.n_head,
+            "kv_heads": cfg.kv_heads, "width": cfg.n_embd, "context": cfg.block_size,
+            "vocab": cfg.vocab_size, "parameters": params, "tokenizer": cfg.tokenizer,
+        })
+    return rows

@@ -88,6 +88,7 @@ COMMANDS = [
     ("merge", ["merge", "R", "--out", "O", "--base", "B"], (("R", "O"), {"base": "B"})),
     ("quantize", ["quantize", "S", "--format", "int4", "--out", "O"], (("S", "int4", "O"), {})),
     ("synthesize", ["synth", "--teacher", "T", "--prompts", "P", "--samples", "3", "--out", "O.jsonl"], None),
+    ("list_models", ["models", "--json"], ((), {})),
     ("run_study", ["study", "run", "seed-001-sonnet-knobs", "--quick", "--out", "O", "--threads", "1"],
      (None, {"threads": 1})),
 ]

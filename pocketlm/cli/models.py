@@ -1,4 +1,4 @@
-"""`pocketlm models`: the named model configs, with exact parameter counts."""
+"""`pocketlm models`: the named model configs, with exact parameter counts (pocketlm.list_models)."""
 
 from __future__ import annotations
 
@@ -15,25 +15,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def model_rows() -> list[dict]:
-    import torch
-
-    from pocketlm.model import CONFIGS, GPT
-
-    rows = []
-    for name, cfg in CONFIGS.items():
-        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-            params = GPT(cfg).num_parameters()
-        rows.append({
-            "name": name, "family": cfg.family, "layers": cfg.n_layer, "heads": cfg.n_head,
-            "kv_heads": cfg.kv_heads, "width": cfg.n_embd, "context": cfg.block_size,
-            "vocab": cfg.vocab_size, "parameters": params, "tokenizer": cfg.tokenizer,
-        })
-    return rows
-
-
 def run(args: argparse.Namespace) -> None:
-    rows = model_rows()
+    from pocketlm.model import list_models
+
+    rows = list_models()
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
