@@ -185,6 +185,7 @@ def test_prompts_that_wait_together_are_prefilled_in_one_pass(model, tok):
     finally:
         engine.stop()
     assert engine.stats.prefill_passes == 1 and engine.stats.grouped_prefills == 1
+    assert engine.stats.prefill_seconds > 0 and engine.stats.decode_seconds > 0
     assert engine.stats.prefill_tokens == sum(len(tok.encode(p)) for p in prompts)
     for i, prompt in enumerate(prompts):
         assert "".join(texts[i]) == _greedy(model, tok, prompt, 20)

@@ -105,6 +105,8 @@ class EngineStats:
     prefill_tokens: int = 0
     prefill_passes: int = 0  # forward passes spent on prompts
     grouped_prefills: int = 0  # of those, passes that prefilled two or more prompts together
+    prefill_seconds: float = 0.0  # engine time spent admitting (prefill, first tokens, their events)
+    decode_seconds: float = 0.0  # engine time spent in decode steps (forward, sampling, events)
     generated_tokens: int = 0
     requests: int = 0
     cancelled: int = 0
@@ -180,9 +182,13 @@ class Engine:
                     continue
                 worked = True
                 try:
+                    started = time.perf_counter()
                     self._admit()
+                    admitted = time.perf_counter()
+                    self.stats.prefill_seconds += admitted - started
                     if self.running:
                         self._decode_step()
+                        self.stats.decode_seconds += time.perf_counter() - admitted
                 except Exception as exc:  # noqa: BLE001 - a failed step must not take the server down
                     self._fail_all(f"{type(exc).__name__}: {exc}")
 
