@@ -24,6 +24,7 @@ import torch.utils.checkpoint
 from pocketlm import ops
 from pocketlm.device import autocast_dtype
 from pocketlm.errors import UserError
+from pocketlm.names import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # family-specific metadata kept on round trips
 
     def __post_init__(self) -> None:
-        if self.family not in ("gpt2", "llama"):
-            raise UserError(f"unknown model family {self.family!r}: pocketlm implements gpt2 and llama")
+        if self.family not in FAMILIES:
+            raise UserError(f"unknown model family {self.family!r}: pocketlm implements {' and '.join(FAMILIES)}")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
