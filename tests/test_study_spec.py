@@ -144,3 +144,38 @@ def test_only_selects_cells_and_brings_their_starting_cells(write):
     assert [c.id for c in plan(study, ["oth*"])] == ["other"]
     with pytest.raises(UserError, match="--only nothing matches no cell"):
         plan(study, ["nothing"])
+
+
+def test_repeats_of_a_cell_start_from_the_same_repeat_of_its_base(write):
+    path = write("""\
+        axes:
+          stage:
+            - {name: scratch, method: pretrain, arch: gpt2-tiny}
+            - {name: lora, method: lora, base: "cell:scratch", rank: 2}
+        repeats: 2
+        measures: [val_loss]
+        """)
+    cells = {c.id: c for c in expand(load_study(str(path)))}
+    for r in (1, 2):  # the folder the cell loads (knobs["base"]) is the one it waits for (depends)
+        lora = cells[f"lora_rep{r}"]
+        assert lora.depends == [f"scratch_rep{r}"] and lora.knobs["base"] == f"cell:scratch_rep{r}"
+        assert lora.varied["base"] == "cell:scratch"  # the results row still groups the repeats together
+
+
+def test_forgetting_is_measured_against_where_the_chain_of_cells_started(write):
+    from pocketlm.study.grid import forgetting_reference
+
+    path = write("""\
+        axes:
+          stage:
+            - {name: full, method: full}
+            - {name: int8, method: none, base: "cell:full", quantize: int8}
+            - {name: scratch, method: pretrain, arch: gpt2-tiny}
+            - {name: tuned, method: full, base: "cell:scratch"}
+            - {name: top, method: lora, base: "cell:tuned", rank: 2}
+        measures: [val_loss]
+        """)
+    cells = expand(load_study(str(path)))
+    ref = {c.id: forgetting_reference(c, cells) for c in cells}
+    base = next(c for c in cells if c.id == "full").knobs["base"]
+    assert ref == {"full": base, "int8": base, "scratch": None, "tuned": "cell:scratch", "top": "cell:scratch"}

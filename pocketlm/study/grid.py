@@ -152,6 +152,7 @@ def _check_cells(study: Study, cells: list[Cell]) -> None:
             if target == cell.id:
                 raise UserError(f"{study.where(*_locate(study, cell, 'base'))}: cell {cell.id} cannot start from itself")
             cell.depends = [target]
+            cell.knobs = {**cell.knobs, "base": f"cell:{target}"}  # repeat N starts from the other cell's repeat N
 
 
 def _blame(message: str, knobs: dict) -> str:
@@ -192,3 +193,22 @@ def select(cells: list[Cell], only: list[str] | None) -> list[Cell]:
     if not chosen:
         raise UserError(f"--only {' '.join(only)} matches no cell: the cells are {', '.join(c.id for c in cells)}")
     return chosen
+
+
+def forgetting_reference(cell: Cell, cells: list[Cell]) -> str | None:
+    """The model a cell's forgetting is measured against: where its chain of cells starts -- the study's
+    pretrained base, or a from-scratch cell's run (as `cell:NAME`). Every cell of a chain then has the same
+    reference, so their forgetting compares; a quantized copy of a fine-tune is measured against the base the
+    fine-tune forgot from, not against the fine-tune. None for a from-scratch cell (nothing to forget)."""
+    by_id = {c.id: c for c in cells}
+    seen: set[str] = set()
+    while cell.knobs["method"] != "pretrain":
+        base = str(cell.knobs["base"])
+        if not base.startswith("cell:") or base[5:] not in by_id or base[5:] in seen:
+            return base
+        seen.add(base[5:])
+        cell = by_id[base[5:]]
+        if cell.knobs["method"] == "pretrain":
+            return f"cell:{cell.id}"
+    return None
+

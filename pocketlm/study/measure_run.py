@@ -168,9 +168,13 @@ def _probe(model, tokenizer, text: str, max_tokens: int) -> float:
 
 
 def _forgetting(model, tokenizer, options, payload, run, data_dir, base) -> dict:
-    """Bits per byte on general text, after minus before (positive: the cell forgot)."""
+    """Bits per byte on general text, after minus before (positive: the cell forgot). Before is where the
+    cell's chain started (grid.forgetting_reference), not its immediate base: the same for every cell."""
     from pocketlm.io import load_model
+    from pocketlm.study.knobs import resolve_base
 
+    reference = payload["cell"].get("reference", base)
+    base = resolve_base({"base": reference}, run.parent) if reference and base is not None else None
     if base is None:
         return {"forgetting_bpb": None}
     text = _general_text(options)

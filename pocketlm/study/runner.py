@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pocketlm.errors import UserError
 from pocketlm.study import results as R
 from pocketlm.study.cell import read_cell_row
-from pocketlm.study.grid import Cell, expand, select
+from pocketlm.study.grid import Cell, expand, forgetting_reference, select
 from pocketlm.study.spec import Study, load_study
 
 
@@ -140,7 +140,8 @@ def run_study(study: str | Study, out: str | Path, *, quick: bool = False, only:
             if row["status"] != "ok":
                 tqdm.write(f"cell {cid} failed: {row.get('error')}", file=sys.stderr)
 
-        payloads = [{"study_dir": str(out.resolve()), "cell": c.payload(), "data": study.data,
+        payloads = [{"study_dir": str(out.resolve()),
+                     "cell": {**c.payload(), "reference": forgetting_reference(c, all_cells)}, "data": study.data,
                      "measures": study.measures, "sampling": study.sampling, "threads": threads}
                     for c in todo]
         try:
