@@ -36,6 +36,24 @@ def test_quiet_failures_flag_a_good_loss_with_bad_form():
                      "behind (0 vs 0.75)"]
 
 
+def test_table_shows_the_method_of_cells_that_do_not_vary_it_and_keeps_zero_knobs():
+    from pocketlm.study.report import _table
+
+    rows = [{"cell": "base", "status": "ok", "knobs": {"method": "none"}, "method": "none", "bits_per_byte": 2.0},
+            {"cell": "lora-r4", "status": "ok", "knobs": {"rank": 4, "dropout": 0.0}, "method": "lora",
+             "bits_per_byte": 1.9}]
+    head, body = _table(aggregate(rows))
+    assert head[:4] == ["cell", "method", "rank", "dropout"]
+    assert body[0][:4] == ["base", "none", "", ""] and body[1][:4] == ["lora-r4", "lora", "4", "0.0"]
+
+
+def test_quiet_failure_names_the_forgetting_probe_in_plain_words():
+    rows = [{"cell": "a", "status": "ok", "knobs": {"r": 1}, "bits_per_byte": 1.00, "forgetting_bpb": 0.2},
+            {"cell": "b", "status": "ok", "knobs": {"r": 2}, "bits_per_byte": 1.05, "forgetting_bpb": 0.0}]
+    assert quiet_failures(aggregate(rows), "bits_per_byte") == [
+        "a: bits_per_byte 1.0000 is no worse than b's 1.0500, but its forgetting probe falls behind (0.2 vs 0)"]
+
+
 def synthetic_study(out: Path, cells: int = 50, repeats: int = 1) -> None:
     """A study folder as `study run` leaves it: study.json, results, run directories with curves and samples."""
     rng = random.Random(0)

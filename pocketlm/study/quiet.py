@@ -16,7 +16,7 @@ from pocketlm.study.measures import lower_is_better
 MARGINS = {"chrf": 1.0, "form_pass_rate": 0.1, "chrf_form_pass_rate": 0.1, "hellaswag_acc": 0.02,
            "forgetting_bpb": 0.02, "zero_shot_acc": 0.03}
 NAMES = {"chrf": "chrF", "form_pass_rate": "form pass rate", "chrf_form_pass_rate": "form pass rate of the chrF "
-         "generations", "hellaswag_acc": "HellaSwag accuracy", "forgetting_bpb": "the forgetting probe",
+         "generations", "hellaswag_acc": "HellaSwag accuracy", "forgetting_bpb": "forgetting probe",
          "zero_shot_acc": "zero-shot accuracy"}
 
 

@@ -46,7 +46,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         g["rows"].append(r)
     out = []
     for g in groups.values():
-        agg = {"name": g["name"], "knobs": g["knobs"], "n": len(g["rows"]), "cells": [r["cell"] for r in g["rows"]]}
+        agg = {"name": g["name"], "knobs": g["knobs"], "n": len(g["rows"]), "cells": [r["cell"] for r in g["rows"]],
+               "method": g["rows"][0].get("method")}  # shown where method is not an axis of the cell
         columns = {k for r in g["rows"] for k, v in r.items() if _num(v)}
         for col in columns:
             vals = [r[col] for r in g["rows"] if _num(r.get(col))]
@@ -100,7 +101,8 @@ def _table(groups: list[dict]) -> tuple[list[str], list[list[str]]]:
             *[F.LABELS.get(c, c) for c in cols]]
     body = []
     for g in groups:
-        row = [g["name"], *[str(g["knobs"].get(k, "")) for k in knob_keys]]
+        knobs = {"method": g.get("method"), **g["knobs"]}
+        row = [g["name"], *["" if knobs.get(k) is None else str(knobs[k]) for k in knob_keys]]
         if any(x["n"] > 1 for x in groups):
             row.append(str(g["n"]))
         row += [_cell_text(c, g.get(c)) for c in cols]
