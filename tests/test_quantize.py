@@ -70,20 +70,31 @@ def test_int4_sym_follows_q4_0_and_error_is_bounded():
     assert (deq_a - w).abs().max() < 0.6 * scale_a.max() + 1e-3
 
 
-def test_int8_per_channel():
+def test_int8_groups_and_rows():
+    torch.manual_seed(0)
     w = torch.randn(48, 64) * torch.linspace(0.01, 3, 48)[:, None]
-    q, s = fm.quantize_int8(w)
-    assert q.dtype == torch.int8 and s.shape == (48,)
-    assert ((fm.dequantize_int8(q, s) - w).abs() <= s[:, None] * 0.51).all()
+    w[:, 3] *= 20  # an outlier column: one group of each row holds it
+    q, s = fm.quantize_int8(w, 32)
+    assert q.dtype == torch.int8 and s.shape == (48, 2) and fm.int8_group_size(q, s) == 32
+    err_group = fm.dequantize_int8(q, s) - w
+    assert (err_group.abs().view(48, 2, 32) <= s[..., None] * 0.51).all()
+    q_row, s_row = fm.quantize_int8(w)  # one scale per row (older folders)
+    assert s_row.shape == (48,) and fm.int8_group_size(q_row, s_row) is None
+    err_row = fm.dequantize_int8(q_row, s_row) - w
+    assert (err_row.abs() <= s_row[:, None] * 0.51).all()
+    # the group without the outlier keeps a fine step: far less error than one scale per row
+    assert err_group[:, 32:].pow(2).mean() < 0.1 * err_row[:, 32:].pow(2).mean()
 
 
 # -- kernels ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["int8", "int4-sym", "int4-asym"])
+@pytest.mark.parametrize("kind", ["int8", "int8-row", "int8-64", "int4-sym", "int4-asym"])
 def test_kernel_layers_compute_what_they_store(kind):
     torch.manual_seed(1)
     linear = nn.Linear(128, 96)
-    if kind == "int8":
-        layer = Int8Linear.from_linear(linear)
+    if kind.startswith("int8"):
+        group = {"int8": 32, "int8-row": None, "int8-64": 64}[kind]
+        layer = Int8Linear.from_linear(linear, group)
+        assert layer.group_size == group
     else:
         layer = Int4Linear.from_linear(linear, 32, kind.split("-")[1])
         assert layer.uses_kernel
@@ -95,6 +106,13 @@ def test_kernel_layers_compute_what_they_store(kind):
     y = layer(x)
     assert y.dtype == torch.float32 and torch.allclose(y, ref, atol=0.05 * float(ref.abs().max()), rtol=0.05)
     assert float(torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0)) > 0.999
+    if kind.startswith("int8"):  # 80 rows (a prefill): one dense matmul on the dequantized weight
+        xl = torch.randn(2, 40, 128)
+        refl = torch.nn.functional.linear(xl, layer.dequantized_weight(torch.float32), linear.bias).detach()
+        yl = layer(xl)
+        assert float(torch.nn.functional.cosine_similarity(yl.flatten(), refl.flatten(), dim=0)) > 0.999
+        set_compute_dtype(layer, torch.float32)
+        assert torch.allclose(layer(xl), refl, atol=1e-5, rtol=1e-5)
 
 
 def test_quantize_model_ties_head_to_int8_table_and_dequantizes_back():
@@ -269,6 +287,9 @@ def test_gguf_export_refuses_what_the_type_cannot_hold(src, tmp_path):
     quantize(src, "int4", tmp_path / "g64", group_size=64, progress=False)
     with pytest.raises(UserError, match="--group-size 32"):
         export(str(tmp_path / "g64"), tmp_path / "a.gguf", dtype="q4_0", fmt="gguf")
+    quantize(src, "int8", tmp_path / "i8g64", group_size=64, progress=False)
+    with pytest.raises(UserError, match="int8 --group-size 32"):
+        export(str(tmp_path / "i8g64"), tmp_path / "c.gguf", dtype="q8_0", fmt="gguf")
     with pytest.raises(UserError, match="quantize twice"):
         export(str(tmp_path / "g64"), tmp_path / "b.gguf", dtype="q5_0", fmt="gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))

@@ -17,9 +17,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "quantize", help="quantize a model (fp16/bf16/fp8/int8/int4/nf4) into a folder every command loads",
         description="Quantize SOURCE (a built-in base, model folder, run directory, .gguf file or cached Hub id) "
-                    "and write a model folder whose size on disk reflects the format. int8: symmetric per "
-                    "output channel; int4: groups along the input (sym or asym); fp8: e4m3 with a per-channel "
-                    "scale; nf4: QLoRA's NormalFloat. Embeddings and the output head are int8 unless skipped. "
+                    "and write a model folder whose size on disk reflects the format. int8: symmetric, a scale "
+                    "per group of 32 inputs (as Q8_0); int4: groups along the input (sym or asym); fp8: e4m3 "
+                    "with a per-channel scale; nf4: QLoRA's NormalFloat. Embeddings and the output head are int8 unless skipped. "
                     "With --formats and --eval, one folder per format and a compression table.",
         formatter_class=HelpFormatter,
     )
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
                             "and the compression table (needs --eval)")
     p.add_argument("--out", required=True, metavar="DIR", help="the folder to write (with --formats: their parent)")
     p.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128),
-                   help="int4 group size (default 32, or the group size a QAT run trained with)")
+                   help="int8/int4 group size along the input (default 32, or the group size a QAT run trained with)")
     p.add_argument("--scheme", choices=("sym", "asym"), default=None,
                    help="int4: symmetric or asymmetric groups (default sym, or a QAT run's)")
     p.add_argument("--skip", default=None, metavar="LAYERS",

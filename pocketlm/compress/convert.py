@@ -1,8 +1,8 @@
 """Model-level transforms: swap float layers for quantized ones (from outside the model), and back.
 
 Which layers: every nn.Linear inside the transformer blocks gets the format; the token embedding and the
-output head get int8 for every packed format (one scale per row: at most ~0.001 bits/byte on smollm2,
-while 4-bit tables cost far more quality than the bytes they save), and with tied weights they share one
+output head get int8 for every packed format (a scale per group of 32, as Q8_0: at most ~0.001 bits/byte
+on smollm2, while 4-bit tables cost far more quality than the bytes they save), and with tied weights they share one
 int8 table. `--skip` keeps layers in float: `embeddings`, `lm_head` (tied: both), or any fragment of a module
 name (`mlp`, `h.0.`, `down_proj`). GPT-2's position table and every norm stay float (they are tiny).
 """
@@ -57,7 +57,7 @@ def plan(model: nn.Module, spec: fm.QuantSpec) -> dict[str, str]:
     for name, linear in block_linears(model).items():
         if _skipped(name, spec.skip, tied):
             continue
-        if spec.format == "int4":
+        if spec.format in ("int4", "int8"):
             fm.check_group(linear.in_features, spec.group_size, name)
         layers[name] = spec.format
     for name in ("transformer.wte", "lm_head"):
@@ -68,7 +68,7 @@ def plan(model: nn.Module, spec: fm.QuantSpec) -> dict[str, str]:
 
 def _quantized_linear(linear: nn.Linear, kind: str, spec: fm.QuantSpec) -> nn.Module:
     if kind == "int8":
-        return Int8Linear.from_linear(linear)
+        return Int8Linear.from_linear(linear, spec.group_size)
     if kind == "int4":
         return Int4Linear.from_linear(linear, spec.group_size, spec.scheme)
     if kind == "fp8":
@@ -95,7 +95,7 @@ def quantize_model(model: nn.Module, spec: fm.QuantSpec, progress: bool = True) 
             model.lm_head = Int8Linear(table.qweight, table.scales)
             model.lm_head.qweight, model.lm_head.scales = table.qweight, table.scales
     if "lm_head" in layers and not tied:
-        model.lm_head = Int8Linear.from_linear(model.lm_head)
+        model.lm_head = Int8Linear.from_linear(model.lm_head, fm.table_group(model.lm_head.in_features))
     mark_head(model)
     return {**spec.to_dict(), "layers": layers, "tied_head": tied}
 

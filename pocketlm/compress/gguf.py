@@ -1,7 +1,8 @@
 """GGUF export of quantized folders, block for block: int8 -> Q8_0, int4 group-32 sym -> Q4_0, asym -> Q4_1.
 
-The codes are copied, not re-quantized. An int8 row's scale becomes the scale of each of its 32-wide Q8_0
-blocks; an int4 group of 32 is a Q4_0 block (w = (q - 8) d, the same rule) or a Q4_1 block (w = q d + m with
+The codes are copied, not re-quantized. An int8 group of 32 is a Q8_0 block (the same rule, w = q d); an
+int8 row's scale (folders with per-row scales) becomes the scale of each of its 32-wide blocks. int8 groups
+of 64 or 128 have no Q8_0 form (a one-line error); an int4 group of 32 is a Q4_0 block (w = (q - 8) d, the same rule) or a Q4_1 block (w = q d + m with
 m = zero - 8 d). Scales are bf16 values, which fp16 holds exactly, so Q8_0 and Q4_0 are lossless; Q4_1's m is
 rounded to fp16 (a relative error below 1e-3 of the group's minimum). The int8 embedding table is written as
 Q8_0 in every file (llama.cpp mixes block types per tensor). Other combinations raise a UserError that says
@@ -19,7 +20,7 @@ from pocketlm.compress.modules import Int4Linear, Int8Embedding, Int8Linear
 from pocketlm.errors import UserError
 
 EXPORTABLE = ("q8_0", "q4_0", "q4_1")
-_NEED = {"q8_0": "int8", "q4_0": "int4 --group-size 32 --scheme sym", "q4_1": "int4 --group-size 32 --scheme asym"}
+_NEED = {"q8_0": "int8 --group-size 32", "q4_0": "int4 --group-size 32 --scheme sym", "q4_1": "int4 --group-size 32 --scheme asym"}
 
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:
@@ -27,10 +28,11 @@ def _fp16_bytes(x: np.ndarray) -> np.ndarray:
 
 
 def q8_0_blocks(codes: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
-    """int8 codes [N, K] with one scale per row -> Q8_0 bytes [N, K/32 * 34]."""
+    """int8 codes [N, K] with scales per group of 32 [N, K/32] or per row [N] -> Q8_0 bytes [N, K/32 * 34]."""
     n, k = codes.shape
     q = codes.numpy().astype(np.int8).reshape(n, k // 32, 32).view(np.uint8)
-    d = np.repeat(scales.float().numpy()[:, None], k // 32, axis=1)
+    d = scales.float().numpy()
+    d = np.repeat(d[:, None], k // 32, axis=1) if d.ndim == 1 else d
     return np.concatenate([_fp16_bytes(d), q], axis=-1).reshape(n, -1)
 
 
@@ -57,7 +59,7 @@ def _check(model: nn.Module, dtype: str) -> None:
         if not isinstance(m, (Int8Linear, Int4Linear, FP8Linear, NF4Linear)) or name == "lm_head":
             continue  # float layers go out as fp32, the int8 table and head as Q8_0 in every file type
         if dtype == "q8_0":
-            ok = isinstance(m, Int8Linear)
+            ok = isinstance(m, Int8Linear) and m.group_size in (None, 32)
         else:
             ok = isinstance(m, Int4Linear) and m.group_size == 32 and m.scheme == ("sym" if dtype == "q4_0" else "asym")
         if not ok:
@@ -92,8 +94,10 @@ def quantized_tensors(model: nn.Module, dtype: str) -> list[tuple[str, np.ndarra
         if name == "lm_head" and skip_head:
             continue
         if isinstance(m, (Int8Embedding, Int8Linear)):
-            if m.qweight.shape[1] % 32:
-                raise UserError(f"{name} is {m.qweight.shape[1]} wide; Q8_0 blocks are 32: export the original model")
+            group = fm.int8_group_size(m.qweight, m.scales)
+            if m.qweight.shape[1] % 32 or group not in (None, 32):
+                raise UserError(f"{name} ({m.extra_repr()}) has no Q8_0 form (blocks of 32): export the original "
+                                "model, or quantize it with --format int8 --group-size 32")
             q, sc = rows(name, m.qweight), rows(name, m.scales)
             out.append((gguf_name(f"{name}.weight"), q8_0_blocks(torch.from_numpy(q), torch.from_numpy(sc)), T.Q8_0))
         elif isinstance(m, Int4Linear):

@@ -1,12 +1,13 @@
 """Quantized layers that compute on PyTorch's low-precision CPU kernels, and the swap that installs them.
 
-- Int8Linear: `torch.ops.aten._weight_int8pack_mm(x, int8 [N, K], scales [N])`, weight-only int8.
+- Int8Linear: int8 codes with a bf16 scale per group of 32 inputs, on the int4 kernel below as two nibble
+  planes (see the class); folders with one scale per row run on `torch.ops.aten._weight_int8pack_mm`.
 - Int4Linear: `torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/G, N, 2])`
   on the layout `_convert_weight_to_int4pack_for_cpu` makes from [N, K] codes (it needs N % 16 == 0).
 - FP8Linear: no CPU kernel multiplies by a weight-only e4m3 matrix; it dequantizes the weight to bf16 per
   call (the fallback path, as NF4 does in pocketlm.quant).
-- Int8Embedding: int8 rows with one scale per row; only the looked-up rows are dequantized. With tied
-  embeddings the output head is an Int8Linear sharing its codes.
+- Int8Embedding: int8 rows with a scale per group of 32 (or per row); only the looked-up rows are
+  dequantized. With tied embeddings the output head is an Int8Linear sharing its codes.
 
 The kernels run with bf16 activations (`compute_dtype`): measured on this machine's CPU at batch 1, the fp32
 variants of both kernels are 10-40x slower than bf16 (a reference path), the bf16 ones 2-6x faster than an
@@ -25,9 +26,13 @@ from pocketlm.compress import formats as fm
 from pocketlm.device import autocast_dtype
 
 DEFAULT_COMPUTE = torch.bfloat16
-# The last input cast to the compute dtype: (x, x._version, dtype, cast). Holding x keeps its id from being
+# The last input cast to the compute dtype: (x, x._version, dtype, twice, cast). Holding x keeps its id from being
 # reused; the version catches in-place changes. Inference only (the kernels are not used under autograd).
 _LAST_CAST: list = [None]
+# From this many rows (tokens) on, int8 layers dequantize their weight (0.3 ms for 1536x576) and run one
+# dense bf16 matmul: at batch 1 decoding the kernels win (they read a byte per weight), but a 512-token
+# prefill is compute-bound, and there the kernels were 1.3-2x slower than even an fp32 matmul.
+DENSE_ROWS = 32
 _INT4_TILES = 2  # innerKTiles of the CPU int4 layout (the CPU kernel ignores the value beyond validation)
 
 
@@ -51,17 +56,20 @@ class _QuantLinear(nn.Module):
     def _cdt(self, x: torch.Tensor) -> torch.dtype:
         return autocast_dtype(x.device.type) or self.compute_dtype or x.dtype
 
-    def _cast_input(self, x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
-        """x as (-1, in_features) in the compute dtype. q/k/v (and gate/up) read the same x: it is cast once
-        and the cast reused while x is unchanged (same tensor object, same version)."""
-        if x.dtype == cdt:
+    def _cast_input(self, x: torch.Tensor, cdt: torch.dtype, twice: bool = False) -> torch.Tensor:
+        """x as (-1, in_features) in the compute dtype (`twice`: [x | x], the input of grouped int8 layers).
+        q/k/v (and gate/up) read the same x: it is cast once and the cast reused while x is unchanged (same
+        tensor object, same version)."""
+        if x.dtype == cdt and not twice:
             return x.reshape(-1, self.in_features)
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         last = _LAST_CAST[0]
-        if last is not None and last[0] is x and last[1] == version and last[2] == cdt:
-            return last[3]
+        if last is not None and last[0] is x and last[1] == version and last[2] == cdt and last[3] == twice:
+            return last[4]
         xc = x.reshape(-1, self.in_features).to(cdt)
-        _LAST_CAST[0] = (x, version, cdt, xc)
+        if twice:
+            xc = torch.cat((xc, xc), dim=1)
+        _LAST_CAST[0] = (x, version, cdt, twice, xc)
         return xc
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -88,36 +96,84 @@ class _QuantLinear(nn.Module):
 
 
 class Int8Linear(_QuantLinear):
+    """int8 codes [N, K] with bf16 scales per group of G inputs ([N, K/G]) or per row ([N], older folders).
+
+    Per-row scales run on `_weight_int8pack_mm`. That kernel has no groups, so grouped codes run on the int4
+    kernel as two nibble planes: with u = q + 128 = 16 hi + lo, the weight q s = (hi - 8)(16 s) + (lo - 8) s
+    + 8 s, i.e. one int4 matrix [hi | lo] of width 2K with group scales (16 s, zero 0) on the first half and
+    (s, zero 8 s) on the second, multiplied by [x | x]. The same bytes per weight as int8, exact (bf16 scales
+    times 16 stay bf16), and one kernel call.
+    """
+
     kind = "int8"
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__(qweight.shape[1], qweight.shape[0], bias)
         self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
         self.register_buffer("scales", scales.float().contiguous())
+        self._kernel: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        q, s = fm.quantize_int8(linear.weight)
+    def from_linear(cls, linear: nn.Linear, group_size: int | None = fm.TABLE_GROUP) -> Int8Linear:
+        q, s = fm.quantize_int8(linear.weight, group_size)
         return cls(q, s, linear.bias)
+
+    @property
+    def group_size(self) -> int | None:
+        return fm.int8_group_size(self.qweight, self.scales)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return fm.dequantize_int8(self.qweight, self.scales, dtype)
 
     def _apply(self, fn, recurse=True):
-        self._scales_c = None  # a device or dtype move invalidates the cast scales
+        self._kernel = None  # a device or dtype move invalidates the kernel's copies
         return super()._apply(fn, recurse)
 
-    def _kernel_scales(self, cdt: torch.dtype) -> torch.Tensor:
-        cached = getattr(self, "_scales_c", None)
-        if cached is None or cached.dtype != cdt or cached.device != self.scales.device:
-            cached = self._scales_c = self.scales.to(cdt)  # once, not a cast per token
-        return cached
+    def _kernel_weights(self, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: (codes, scales in cdt). Grouped: the int4 kernel's layout of [hi | lo] and its scales."""
+        if self._kernel is not None and self._kernel[2] == cdt and self._kernel[1].device == self.scales.device:
+            return self._kernel[0], self._kernel[1]
+        if self.group_size is None:
+            self._kernel = (self.qweight, self.scales.to(cdt), cdt)  # cast once, not per token
+            return self._kernel[0], self._kernel[1]
+        u = self.qweight.to(torch.int32) + 128
+        s = self.scales
+        pad = -self.out_features % 16  # the int4 layout needs N % 16 == 0: zero rows, sliced off the output
+        if pad:
+            u = torch.cat((u, u.new_full((pad, u.shape[1]), 128)))
+            s = torch.cat((s, s.new_zeros(pad, s.shape[1])))
+        planes = torch.cat((u >> 4, u & 15), dim=1)  # [N, 2K] codes in [0, 15]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(planes, _INT4_TILES)
+        scale = torch.cat((16 * s, s), dim=1)
+        zero = torch.cat((torch.zeros_like(s), 8 * s), dim=1)
+        sz = torch.stack((scale.t(), zero.t()), dim=-1).to(cdt).contiguous()  # [2K/G, N, 2]
+        self._kernel = (packed, sz, cdt)
+        return packed, sz
+
+    def _dense_weight(self, cdt: torch.dtype) -> torch.Tensor:
+        """The weight in cdt for a dense matmul, dequantized in cdt (a bf16 product q * s is rounded to 8
+        significant bits: about 1/6 of the int8 rounding error, where bf16 activations cost more)."""
+        n, k = self.qweight.shape
+        scales = self.scales.to(cdt).view(n, -1)
+        return (self.qweight.view(n, scales.shape[1], -1).to(cdt) * scales[..., None]).view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cdt = self._cdt(x)
-        if x.device.type != "cpu" or x.requires_grad:  # the kernel is CPU-only and has no backward
+        if x.device.type != "cpu" or x.requires_grad:  # the kernels are CPU-only and have no backward
             return self._fallback(x, cdt)
-        y = torch.ops.aten._weight_int8pack_mm(self._cast_input(x, cdt), self.qweight, self._kernel_scales(cdt))
+        if x.numel() >= DENSE_ROWS * self.in_features:  # prefill, scoring: compute-bound, see DENSE_ROWS
+            y = F.linear(self._cast_input(x, cdt), self._dense_weight(cdt))
+            if self.exact_top and x.dtype != cdt:
+                y = self._refine(y.to(x.dtype), x.reshape(-1, self.in_features))
+            return self._finish(y, x)
+        w, scales = self._kernel_weights(cdt)
+        if self.group_size is None:
+            y = torch.ops.aten._weight_int8pack_mm(self._cast_input(x, cdt), w, scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._cast_input(x, cdt, twice=True), w,
+                                                           self.group_size, scales)
+            if y.shape[-1] != self.out_features:
+                y = y[:, :self.out_features].contiguous()
         if self.exact_top and x.dtype != cdt:
             y = self._refine(y.to(x.dtype), x.reshape(-1, self.in_features))
         return self._finish(y, x)
@@ -133,9 +189,13 @@ class Int8Linear(_QuantLinear):
         """
         idx = y.topk(min(self.exact_top, y.shape[-1]), dim=-1).indices  # [M, k]
         flat = idx.reshape(-1)
-        rows = self.qweight.index_select(0, flat).view(*idx.shape, -1).to(x2.dtype)  # [M, k, K]
-        exact = torch.bmm(rows, x2[:, :, None]).squeeze(-1) * self.scales.index_select(0, flat).view(idx.shape)
+        rows = fm.dequantize_int8(self.qweight.index_select(0, flat), self.scales.index_select(0, flat), x2.dtype)
+        exact = torch.bmm(rows.view(*idx.shape, -1), x2[:, :, None]).squeeze(-1)
         return y.scatter_(-1, idx, exact.to(y.dtype))
+
+    def extra_repr(self) -> str:
+        g = self.group_size
+        return super().extra_repr() + (" per row" if g is None else f" group={g}")
 
 
 class Int4Linear(_QuantLinear):
@@ -215,7 +275,7 @@ class FP8Linear(_QuantLinear):
 
 
 class Int8Embedding(nn.Module):
-    """An embedding table in int8 with one scale per row; outputs in the scales' dtype (the model's)."""
+    """An embedding table in int8 with a scale per group of 32 (or per row); outputs in the scales' dtype."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
@@ -225,11 +285,11 @@ class Int8Embedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> Int8Embedding:
-        return cls(*fm.quantize_int8(emb.weight))
+        return cls(*fm.quantize_int8(emb.weight, fm.table_group(emb.embedding_dim)))
 
     @property
     def weight(self) -> torch.Tensor:
-        """The row scales: a float tensor in the table's output dtype and device, for code that reads
+        """The scales: a float tensor in the table's output dtype and device, for code that reads
         `wte.weight` only for those (GPT.new_cache sizes the KV cache by it). The codes are `qweight`."""
         return self.scales
 
@@ -237,11 +297,14 @@ class Int8Embedding(nn.Module):
         return fm.dequantize_int8(self.qweight, self.scales, dtype)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        scales = self.scales.view(self.num_embeddings, -1)  # [V, groups] (one group: per row)
         rows = F.embedding(idx, self.qweight).to(self.scales.dtype)
-        return rows * F.embedding(idx, self.scales[:, None])
+        s = F.embedding(idx, scales)
+        return (rows.view(*s.shape, -1) * s[..., None]).view(rows.shape)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+        g = fm.int8_group_size(self.qweight, self.scales)
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 " + ("per row" if g is None else f"group={g}")
 
 
 QUANT_LINEARS = (Int8Linear, Int4Linear, FP8Linear)
