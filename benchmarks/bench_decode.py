@@ -224,8 +224,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runners, nbytes, notes, ids, info = build(args, Path(tmp))
         prompt = ids[: args.prompt_tokens]
-        for r in runners.values():  # warm-up: first-call allocations, kernel layouts
-            r.decode(prompt, 4)
+        for r in runners.values():  # warm-up: first-call allocations, kernel layouts, and the prefill's
+            r.decode(prompt, 4)      # shapes (a first long prompt allocates and builds oneDNN primitives)
+            r.prefill(ids)
         rates = {v: [] for v in runners}
         prefill = {v: [] for v in runners}
         tokens: dict[str, list[int]] = {}

@@ -157,7 +157,7 @@ def finetune(cfg: TrainConfig, *, adapter: AdapterConfig | dict | None = None,
         raise UserError(f"unknown fine-tuning method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     cfg.validate()
     if qat is not None:
-        qat.validate(cfg.method)
+        qat.validate(cfg.method, cfg.adapter.dropout)
     # The tokenizer check first: it is cheap, loading a base's weights is not.
     check_data_tokenizer(cfg.data, load_tokenizer(cfg.model), cfg.model)
     if cfg.teacher:

@@ -46,10 +46,11 @@ def register(subparsers) -> None:
     search.add_argument("--lr-search", metavar="LR,LR,...", default=None,
                         help="try these learning rates in short runs first and keep the best (e.g. 1e-4,3e-4,1e-3)")
     search.add_argument("--lr-search-steps", type=int, default=50, metavar="N", help="steps of each short run")
-    qat = p.add_argument_group("quantization-aware training (full fine-tuning)")
+    qat = p.add_argument_group("quantization-aware training (full fine-tuning and LoRA)")
     qat.add_argument("--qat", choices=QAT_FORMATS, default=None,
                      help="train through fake quantization to this format; then `pocketlm quantize RUN --format F`")
-    qat.add_argument("--qat-group-size", type=int, choices=(32, 64, 128), default=32, help="int4 group size")
+    qat.add_argument("--qat-group-size", type=int, choices=(32, 64, 128), default=32,
+                     help="int8/int4 group size")
     qat.add_argument("--qat-scheme", choices=("sym", "asym"), default="sym", help="int4 scheme")
     qat.add_argument("--qat-start-step", type=int, default=0, metavar="N",
                      help="train in float for N steps, then with fake quantization")
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
 
         qat = QATOptions(format=args.qat, group_size=args.qat_group_size, scheme=args.qat_scheme,
                          start_step=args.qat_start_step)
-        qat.validate(cfg.method)
+        qat.validate(cfg.method, cfg.adapter.dropout)
     summary = finetune(cfg, lr_search=parse_lr_list(args.lr_search), lr_search_steps=args.lr_search_steps,
                        qat=qat)
     keys = ("method", "steps", "best_val_loss", "final_train_loss", "tokens_per_s", "wall_s")

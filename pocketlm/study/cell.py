@@ -189,7 +189,7 @@ def train_cell(knobs: dict, data_dir: Path, run: Path) -> dict:
     adapter = AdapterConfig(rank=knobs["rank"], alpha=knobs["alpha"], dropout=knobs["lora_dropout"],
                             targets=knobs["targets"])
     qat = None
-    if knobs.get("qat") and knobs["method"] == "full":
+    if knobs.get("qat") and knobs["method"] in ("full", "lora"):  # QAT (LoRA: QAFT over the merged weight)
         from pocketlm.compress.qat import QATOptions
 
         qat = QATOptions(format=knobs["qat"])

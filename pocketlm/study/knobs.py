@@ -197,10 +197,10 @@ def check_cell(knobs: dict) -> None:
         parse_lr_list(knobs["lr_search"])
         if knobs["lr_search_steps"] <= 0:
             raise UserError(f"lr_search_steps must be positive, got {knobs['lr_search_steps']}")
-    if knobs.get("qat") and method == "full":
+    if knobs.get("qat") and method in ("full", "lora"):
         from pocketlm.compress.qat import QATOptions
 
-        QATOptions(format=knobs["qat"]).validate(method)
+        QATOptions(format=knobs["qat"]).validate(method, knobs.get("lora_dropout") or 0.0)
     for name, (_, check, _) in post_training().items():
         if knobs.get(name) is not None:
             check(knobs[name])
