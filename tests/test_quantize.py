@@ -62,8 +62,10 @@ def test_int4_sym_follows_q4_0_and_error_is_bounded():
     # the value of largest magnitude maps to code 0 (-8 steps) and comes back to within bf16 rounding
     assert torch.allclose(deq.view(32, 4, 32).gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1),
                           biggest, rtol=1e-2)
-    # within half a step, except the far side of a group clipped at +7 steps (Q4_0 clips it the same way)
-    assert ((deq - w).abs().view(32, 4, 32) <= scale.abs()[..., None] * 1.01).all()
+    # within half a step, except the far side of a group clipped at +7 steps (Q4_0 clips it the same way): it
+    # may sit at 8 steps, and 8 (1 + 2^-8) once the bf16 scale rounds down, so its error is <= 1 + 8 * 2^-8 steps
+    # (1.01 failed for 18 of 300 seeds)
+    assert ((deq - w).abs().view(32, 4, 32) <= scale.abs()[..., None] * (1 + 8 * 2**-8)).all()
     assert ((deq - w).abs().view(32, 4, 32) <= scale.abs()[..., None] * 0.51).float().mean() > 0.95
     scale_a, zero_a = fm.int4_params(w, 32, "asym")
     deq_a = fm.dequantize_int4_codes(fm.int4_codes(w, scale_a, zero_a, 32), scale_a, zero_a, 32)
