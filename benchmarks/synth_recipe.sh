@@ -36,30 +36,67 @@ for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null &
   --min-chars 60 --dedupe minhash --dedupe-against greentext_heldout.jsonl --concurrency 8 --quiet
 kill $SERVE; wait $SERVE 2>/dev/null || true
 
+# A finished stage is reused only while its inputs are unchanged: stamps/NAME holds the sha256 of what it was
+# made from (the source file, the data set's manifest, the settings). Without this, a rerun after a new synth
+# (or other SAMPLES/STEPS) reused the old data-mixed and run-mixed, and "real" and "real+synthetic" could be
+# the same student.
+mkdir -p stamps
+key() { { cat "$@"; echo "$MODEL $STEPS $DIST_STEPS"; } | sha256sum | cut -c1-64; }
+fresh() { local name=$1; shift; [ -e "$name" ] && [ "$(cat "stamps/$name" 2>/dev/null)" = "$(key "$@")" ]; }
+stamp() { local name=$1; shift; key "$@" > "stamps/$name"; }
+
 cat greentext_train.jsonl synth.jsonl > mixed.jsonl
 for name in train mixed; do
-  [ -d "data-$name" ] || "${PL[@]}" prepare "$( [ $name = train ] && echo greentext_train.jsonl || echo mixed.jsonl )" \
-    --text-field text --tokenizer "$MODEL" --out "data-$name" --val-documents 20 --no-progress
+  src=$( [ $name = train ] && echo greentext_train.jsonl || echo mixed.jsonl )
+  fresh "data-$name" "$src" && continue
+  rm -rf "data-$name"
+  "${PL[@]}" prepare "$src" --text-field text --tokenizer "$MODEL" --out "data-$name" --val-documents 20 --no-progress
+  stamp "data-$name" "$src"
 done
+# The mixed set must hold every real document plus every kept synthetic sample, or the comparison means nothing.
+"$PY" - <<'PY'
+import json, sys
+docs = {n: sum(s["documents"] for s in json.load(open(f"data-{n}/manifest.json"))["splits"].values())
+        for n in ("train", "mixed")}
+kept = sum(1 for line in open("synth.jsonl") if json.loads(line).get("kept"))
+if kept == 0:
+    sys.exit("synth_recipe: no synthetic sample was kept, so the real+synthetic student would see the real data "
+             "alone: raise SAMPLES or loosen the filters")
+if docs["mixed"] != docs["train"] + kept:
+    sys.exit(f"synth_recipe: data-mixed holds {docs['mixed']} documents, expected {docs['train']} real + {kept} "
+             "synthetic: delete data-mixed and rerun")
+PY
 TRAIN=(--method lora --rank 8 --targets attn+mlp --lr 1e-3 --max-steps "$STEPS" --warmup-steps 2 --batch-tokens 2048
        --micro-batch 4 --context 256 --eval-every "$STEPS" --eval-batches 4)
 for name in train mixed; do
-  [ -f "run-$name/summary.json" ] || "${PL[@]}" finetune --base "$MODEL" --data "data-$name" --out "run-$name" "${TRAIN[@]}"
+  fresh "run-$name" "data-$name/manifest.json" && [ -f "run-$name/summary.json" ] && continue
+  rm -rf "run-$name"
+  "${PL[@]}" finetune --base "$MODEL" --data "data-$name" --out "run-$name" "${TRAIN[@]}"
+  stamp "run-$name" "data-$name/manifest.json"
 done
 for src in "$MODEL" run-train run-mixed; do
   "${PL[@]}" eval "$src" --text greentext_heldout.txt --max-tokens 8000 --json "eval-$(basename "$src").json" > /dev/null
 done
 DIST=(--base "$MODEL" --data data-train --method lora --rank 8 --targets attn+mlp --lr 1e-3 --max-steps "$DIST_STEPS"
       --warmup-steps 2 --batch-tokens 2048 --micro-batch 4 --context 256 --eval-every "$DIST_STEPS" --eval-batches 4)
-[ -f run-plain/summary.json ] || "${PL[@]}" finetune "${DIST[@]}" --out run-plain
-[ -f run-distill/summary.json ] || "${PL[@]}" finetune "${DIST[@]}" --out run-distill --teacher "$MODEL" \
-  --distill-alpha 0.5 --distill-temperature 2
+for name in plain distill; do
+  fresh "run-$name" data-train/manifest.json && [ -f "run-$name/summary.json" ] && continue
+  rm -rf "run-$name"
+  if [ $name = plain ]; then "${PL[@]}" finetune "${DIST[@]}" --out run-plain
+  else "${PL[@]}" finetune "${DIST[@]}" --out run-distill --teacher "$MODEL" --distill-alpha 0.5 --distill-temperature 2
+  fi
+  stamp "run-$name" data-train/manifest.json
+done
 
 "$PY" - "$MODEL" <<'PY'
 import json, os, sys
 r = json.load(open("synth.report.json"))
 print(f"synth: {r['records']} samples, {r['kept']} kept ({r['kept_fraction']:.0%}), dropped {r['dropped']}, "
       f"{r['this_run']['samples_per_s']} samples/s")
+split = {n: json.load(open(f"data-{n}/manifest.json"))["splits"] for n in ("train", "mixed")}
+tokens = {n: sum(s["tokens"] for s in split[n].values()) for n in split}
+print(f"mixed data: {sum(s['documents'] for s in split['mixed'].values())} documents, {tokens['mixed'] - tokens['train']:+,} "
+      f"tokens against the real set's {tokens['train']:,} (each set holds out 20 of its own documents for validation)")
 base = os.path.basename(sys.argv[1])
 for name, label in ((base, "base"), ("run-train", "LoRA on real"), ("run-mixed", "LoRA on real+synthetic")):
     e = json.load(open(f"eval-{name}.json"))
