@@ -167,3 +167,8 @@ def test_compression_axis_and_zero_shot_probe(tmp_path, tiny_text, shared_data, 
     assert by["float"]["val_loss"] != by["int8"]["val_loss"]  # measured on the quantized model
     assert (tmp_path / "out" / "qat-int8" / "checkpoints").exists()
     assert all(0 <= r["zero_shot_acc"] <= 1 and r["zero_shot_examples"] == 12 for r in rows)
+    # quantizing is the cell's work: timed as post_training_s, not counted as study overhead
+    assert by["int8"]["post_training_s"] > 0 and by["float"]["post_training_s"] < by["int8"]["post_training_s"]
+    for r in rows:
+        work = r["prepare_s"] + r["train_s"] + r["post_training_s"] + r["measure_s"]
+        assert abs(r["overhead_s"] - max(0.0, r["cell_s"] - work)) < 2e-3

@@ -223,7 +223,7 @@ def run_cell(payload: dict) -> dict:
     run = study_dir / cell["id"]
     row = {"cell": cell["id"], "status": "failed", "knobs": cell["varied"], "repeat": cell["repeat"],
            "seed": cell["seed"], "method": cell["knobs"]["method"], "run_dir": cell["id"]}
-    timing = {"prepare_s": 0.0, "train_s": 0.0, "measure_s": 0.0}
+    timing = {"prepare_s": 0.0, "train_s": 0.0, "post_training_s": 0.0, "measure_s": 0.0}
     try:
         for dep in cell["depends"]:
             dep_row = read_cell_row(study_dir / dep)
@@ -248,12 +248,14 @@ def run_cell(payload: dict) -> dict:
             row.update(_summary_fields(summary), size_bytes=size_on_disk(run))
         if (run / "preempted").exists():
             row["preempted_after_step"] = json.loads((run / "preempted").read_text())["killed_after_step"]
+        t = time.perf_counter()
         for name, (_, _, apply) in K.post_training().items():
             if cell["knobs"].get(name) is not None:
                 row["size_bytes_trained"] = row["size_bytes"]
                 extra = apply(run, source, cell["knobs"], print)
                 source = Path(extra.pop("_model_source", source))
                 row.update(extra)
+        timing["post_training_s"] = time.perf_counter() - t  # quantizing is the cell's work, not overhead
         t = time.perf_counter()
         row.update(measure_cell(payload, cell, source, eval_dir))  # the study's data, whatever the cell trained on
         timing["measure_s"] = time.perf_counter() - t

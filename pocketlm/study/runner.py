@@ -132,7 +132,7 @@ def run_study(study: str | Study, out: str | Path, *, quick: bool = False, only:
             wall = time.perf_counter() - started.get(cid, time.perf_counter())
             if runner.name == "local":  # the parent's view: process start and hand-over included
                 row["cell_s"] = round(wall, 3)
-            work = sum(row.get(k) or 0.0 for k in ("prepare_s", "train_s", "measure_s"))
+            work = sum(row.get(k) or 0.0 for k in ("prepare_s", "train_s", "post_training_s", "measure_s"))
             row["overhead_s"] = round(max(0.0, row.get("cell_s", wall) - work), 3)
             rows[cid] = row
             write()
