@@ -73,16 +73,23 @@ def cli_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "pocketlm", *[str(a) for a in argv]]
 
 
+def default_ctrl_c() -> None:
+    """In the child before exec: Ctrl-C as in a terminal. A test run started in the background of a
+    non-interactive shell inherits SIGINT *ignored*, and Python keeps an ignored SIGINT ignored: every
+    SIGINT case would then pass without being tried."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_process(argv: list[str], timeout: float = 300, prefix: list[str] | None = None) -> Result:
     p = subprocess.run([*(prefix or []), *cli_command(argv)], capture_output=True, text=True, env=env(),
-                       timeout=timeout, cwd=REPO)
+                       timeout=timeout, cwd=REPO, preexec_fn=default_ctrl_c)
     return Result(p.returncode, p.stdout, p.stderr)
 
 
 def run_and_signal(argv: list[str], sig: int, after: float, timeout: float = 300) -> Result:
     """Start the command, send `sig` after `after` seconds (if it still runs), wait for it."""
     p = subprocess.Popen(cli_command(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-                         cwd=REPO)
+                         cwd=REPO, preexec_fn=default_ctrl_c)
     deadline = time.monotonic() + after
     while time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.01)

@@ -19,6 +19,7 @@ from tests.faults.harness import (
     SIGNALS,
     Result,
     assert_ok,
+    default_ctrl_c,
     env,
     leftovers,
     run_and_signal,
@@ -120,7 +121,8 @@ def test_ctrl_c_after_a_command_has_finished_does_not_change_its_exit_status(tmp
             "run()\n"
             "os.kill(os.getpid(), signal.SIGINT)\n"  # what a Ctrl-C during shutdown delivers
             "print('finished')\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=REPO, timeout=120,
+                       preexec_fn=default_ctrl_c)
     assert p.returncode == 0 and p.stdout.rstrip().endswith("finished"), (p.returncode, p.stderr[-2000:])
 
 
@@ -134,7 +136,8 @@ def test_ctrl_c_held_back_across_the_allocator_restart_is_one_line(tmp_path):
             "os.kill(os.getpid(), signal.SIGINT)\n"  # pending: Ctrl-C pressed while the restart happens
             "os.execve(sys.executable, [sys.executable, '-m', 'pocketlm', 'models'],"
             f" dict(os.environ, {REEXEC_MARK}='1'))\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=REPO, timeout=120)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=REPO, timeout=120,
+                       preexec_fn=default_ctrl_c)
     result = Result(p.returncode, p.stdout, p.stderr)
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     assert result.rc == 130 and result.last_err_line == "pocketlm models: interrupted", (p.returncode, p.stderr)
