@@ -176,14 +176,18 @@ def test_prompts_that_wait_together_are_prefilled_in_one_pass(model, tok):
                     done.release()
         return emit
 
-    for i, prompt in enumerate(prompts):  # all waiting before the engine thread starts
-        engine.submit(Request(tok.encode(prompt), SamplingSettings(max_new_tokens=20, temperature=0), emit_for(i)))
-    engine.start()
-    try:
-        for _ in prompts:
-            assert done.acquire(timeout=60)
-    finally:
-        engine.stop()
+    def run_queued(engine, max_new_tokens):  # all waiting before the engine thread starts
+        for i, prompt in enumerate(prompts):
+            settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0)
+            engine.submit(Request(tok.encode(prompt), settings, emit_for(i)))
+        engine.start()
+        try:
+            for _ in prompts:
+                assert done.acquire(timeout=60)
+        finally:
+            engine.stop()
+
+    run_queued(engine, 20)
     assert engine.stats.prefill_passes == 1 and engine.stats.grouped_prefills == 1
     assert engine.stats.prefill_seconds > 0 and engine.stats.decode_seconds > 0
     assert engine.stats.prefill_tokens == sum(len(tok.encode(p)) for p in prompts)
@@ -191,14 +195,7 @@ def test_prompts_that_wait_together_are_prefilled_in_one_pass(model, tok):
         assert "".join(texts[i]) == _greedy(model, tok, prompt, 20)
     # a budget smaller than the padded group: the prompts are prefilled in several passes
     engine = Engine(model, tok, max_batch=8, prefill_chunk=8)
-    for i, prompt in enumerate(prompts):
-        engine.submit(Request(tok.encode(prompt), SamplingSettings(max_new_tokens=2, temperature=0), emit_for(i)))
-    engine.start()
-    try:
-        for _ in prompts:
-            assert done.acquire(timeout=60)
-    finally:
-        engine.stop()
+    run_queued(engine, 2)
     assert engine.stats.prefill_passes >= 2
 
 
