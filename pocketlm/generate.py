@@ -20,7 +20,8 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -440,9 +441,6 @@ def generate_from_source(source, prompt: str | Callable[[], str] = "", *, adapte
     `prompt` may be a function returning it, called once the settings are checked (the command reads
     stdin only then).
     """
-    from dataclasses import asdict
-    from pathlib import Path
-
     from pocketlm.device import pick_device
     from pocketlm.io import load_model
 
