@@ -79,6 +79,18 @@ def default_precision(device: torch.device) -> str:
     return "fp32"
 
 
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype generation and serving hold float weights in. `auto`: bf16 where the hardware runs it
+    natively (as training's autocast picks: half the bytes read per decoded token, twice the matmul rate),
+    else fp32. Norms and softmax still compute in fp32 (pocketlm.model.RMSNorm, the samplers)."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(INFERENCE_PRECISIONS)}")
+    return precision_dtype(default_precision(device) if precision == "auto" else precision)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process: device memory on CUDA, resident set size on CPU."""
     if device.type == "cuda":

@@ -430,18 +430,20 @@ def generate(model, tokenizer, prompt: str, settings: SamplingSettings | None = 
 def generate_from_source(source, prompt: str | Callable[[], str] = "", *, adapter=None, device: str = "auto",
                          max_new_tokens: int = 128, temperature: float = 1.0, top_k: int | None = None,
                          top_p: float | None = None, repetition_penalty: float = 1.0, stop: Sequence[str] = (),
-                         num_samples: int = 1, seed: int | None = None,
+                         num_samples: int = 1, seed: int | None = None, precision: str = "auto",
                          on_text: Callable[[int, str], None] | None = None, json_out=None,
                          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     """`pocketlm generate SOURCE` as a call (`pocketlm.generate(SOURCE, PROMPT, ...)`): load SOURCE (a run
     directory, model folder, built-in base, .gguf or Hub id; `adapter` a LoRA adapter folder or run), sample
     `num_samples` completions of `prompt` and return what `--json` writes: `samples` (the texts after the
     prompt), `new_tokens`, `prompt_tokens`, `seconds`, `tokens_per_s`, `first_token_seconds`, `settings`,
-    `device`. The arguments are the command's flags; `on_text(sample, piece)` streams each sample's text.
+    `device`, `precision`. The arguments are the command's flags; `precision` (auto, fp32, bf16, fp16) is the
+    dtype float weights are held in (auto: bf16 where the hardware runs it natively, else fp32);
+    `on_text(sample, piece)` streams each sample's text.
     `prompt` may be a function returning it, called once the settings are checked (the command reads
     stdin only then).
     """
-    from pocketlm.device import pick_device
+    from pocketlm.device import inference_dtype, pick_device
     from pocketlm.io import load_model
 
     # Settings first: a bad value fails before a model is loaded.
@@ -454,16 +456,18 @@ def generate_from_source(source, prompt: str | Callable[[], str] = "", *, adapte
         check_output_file(json_out, "--json")
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(f"--adapter {adapter} is not a folder: give the adapter folder a LoRA run saved")
-    text = prompt() if callable(prompt) else prompt
     where = pick_device(device)
-    model, tokenizer = load_model(source, adapter=adapter, device=where)
+    inference_dtype(where, precision)  # a bad --precision fails here, before the prompt is read
+    text = prompt() if callable(prompt) else prompt
+    model, tokenizer = load_model(source, adapter=adapter, device=where, precision=precision)
     if not text:
         log("pocketlm generate: no prompt given: sampling unconditionally")
     result = run_generation(model, tokenizer, text, settings, on_text=on_text)
     record = {"source": str(source), "adapter": str(adapter) if adapter else None, "prompt": text,
               "settings": asdict(settings), "samples": result.texts, "new_tokens": result.new_tokens,
               "prompt_tokens": result.prompt_tokens, "seconds": result.seconds, "tokens_per_s": result.tokens_per_s,
-              "first_token_seconds": result.first_token_seconds, "device": str(where)}
+              "first_token_seconds": result.first_token_seconds, "device": str(where),
+              "precision": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if json_out is not None:
         from pocketlm.atomic import atomic_write_json
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from dataclasses import replace
@@ -243,7 +244,7 @@ def model_dir(tmp_path_factory, tiny, tok):
 def test_cli_generate_from_a_model_folder(model_dir, tiny, tok, tmp_path, capsys):
     out = tmp_path / "samples.json"
     main(["generate", str(model_dir), "--prompt", "The quick brown fox", "--max-new-tokens", "8",
-          "--temperature", "0", "--device", "cpu", "--json", str(out)])
+          "--temperature", "0", "--device", "cpu", "--precision", "fp32", "--json", str(out)])
     captured = capsys.readouterr()
     expected = generate(tiny, tok, "The quick brown fox", replace(GREEDY, max_new_tokens=8))[0]
     assert captured.out == expected + "\n"
@@ -255,7 +256,7 @@ def test_cli_generate_from_a_model_folder(model_dir, tiny, tok, tmp_path, capsys
 def test_cli_prints_every_sample_and_reads_stdin(model_dir, tiny, tok, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("Piped prompt\n"))
     main(["generate", str(model_dir), "--max-new-tokens", "5", "--num-samples", "2", "--seed", "1",
-          "--device", "cpu"])
+          "--device", "cpu", "--precision", "fp32"])
     out = capsys.readouterr().out
     assert "===== sample 1/2 =====" in out and "===== sample 2/2 =====" in out
     expected = generate(tiny, tok, "Piped prompt", SamplingSettings(max_new_tokens=5, num_samples=2, seed=1))
@@ -266,6 +267,7 @@ def test_cli_prints_every_sample_and_reads_stdin(model_dir, tiny, tok, capsys, m
     (["--temperature", "-1"], "--temperature"),
     (["--top-p", "1.5"], "--top-p"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--precision", "int3"], "precision"),
 ])
 def test_cli_bad_flags_exit_2_with_one_line(model_dir, flags, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -275,10 +277,25 @@ def test_cli_bad_flags_exit_2_with_one_line(model_dir, flags, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_precision_auto_is_bf16_only_where_the_hardware_runs_it(model_dir, tiny, tok, monkeypatch):
+    import pocketlm
+    from pocketlm import device as dev
+
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda native=native: native)
+        auto = pocketlm.generate(model_dir, "The quick", max_new_tokens=6, temperature=0, device="cpu")
+        assert auto["precision"] == expected
+    bf16 = pocketlm.generate(model_dir, "The quick", max_new_tokens=6, temperature=0, device="cpu", precision="bf16")
+    reference = copy.deepcopy(tiny).to(torch.bfloat16)  # the same weights, decoded in bf16 by the library
+    assert bf16["samples"][0] == generate(reference, tok, "The quick", replace(GREEDY, max_new_tokens=6))[0]
+    fp32 = pocketlm.generate(model_dir, "The quick", max_new_tokens=6, temperature=0, device="cpu", precision="fp32")
+    assert fp32["samples"][0] == generate(tiny, tok, "The quick", replace(GREEDY, max_new_tokens=6))[0]
+
+
 def test_cli_prompt_file(model_dir, tiny, tok, tmp_path, capsys):
     (tmp_path / "prompt.txt").write_text("Dear diary,\n", encoding="utf-8")
     main(["generate", str(model_dir), "--prompt-file", str(tmp_path / "prompt.txt"), "--max-new-tokens", "4",
-          "--temperature", "0", "--device", "cpu"])
+          "--temperature", "0", "--device", "cpu", "--precision", "fp32"])
     expected = generate(tiny, tok, "Dear diary,", replace(GREEDY, max_new_tokens=4))[0]
     assert capsys.readouterr().out == expected + "\n"
     with pytest.raises(SystemExit) as exc:
@@ -297,10 +314,7 @@ def test_cli_missing_source_exits_2(tmp_path, capsys):
 
 
 def test_cli_generate_with_a_peft_adapter(model_dir, tiny, tok, tmp_path, capsys):
-    lora = pytest.importorskip("pocketlm.lora")
-    if not hasattr(lora, "load_adapter"):
-        pytest.skip("pocketlm.lora.load_adapter is not written yet")
-    peft = pytest.importorskip("peft")
+    import peft
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -314,7 +328,7 @@ def test_cli_generate_with_a_peft_adapter(model_dir, tiny, tok, tmp_path, capsys
         ref = peft_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_id,
                                   eos_token_id=None, min_new_tokens=6)[0, ids.size(1):]
     main(["generate", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "The quick brown fox",
-          "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"])
+          "--max-new-tokens", "6", "--temperature", "0", "--device", "cpu", "--precision", "fp32"])
     out = capsys.readouterr().out
     assert out == tok.decode(ref.tolist()) + "\n"
     base = generate(tiny, tok, "The quick brown fox", replace(GREEDY, max_new_tokens=6))[0]

@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="completions to sample, as one batch (1)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16: the dtype of the weights while "
+                   "decoding (auto: bf16 where the CPU or GPU runs it natively, else fp32)")
     p.add_argument("--adapter", type=Path, default=None, metavar="DIR", help="apply a LoRA adapter folder")
     p.add_argument("--json", type=Path, default=None, metavar="OUT",
                    help="also write prompt, settings, samples and timings to this JSON file")
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
         args.source, lambda: _read_prompt(args), adapter=args.adapter, device=args.device,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=args.stop, num_samples=n, seed=args.seed,
-        on_text=stream, json_out=args.json,
+        precision=args.precision,        on_text=stream, json_out=args.json,
     )
     header()
     out.write("\n")

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
                    help="let web pages from ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
                         "browser (CORS); repeatable; default: none")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16: the dtype of the weights "
+                   "(auto: bf16 where the CPU or GPU runs it natively, else fp32)")
     p.set_defaults(func=run)
 
 
@@ -41,4 +43,4 @@ def run(args: argparse.Namespace) -> None:
     serve(args.source, adapter=args.adapter, host=args.host, port=args.port, api_key=args.api_key,
           model_name=args.model_name, chat_template=args.chat_template, max_batch=args.max_batch,
           prefill_chunk=args.prefill_chunk, default_chat_tokens=args.default_max_tokens, device=args.device,
-          allow_origins=args.allow_origin)
+          precision=args.precision, allow_origins=args.allow_origin)

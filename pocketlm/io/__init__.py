@@ -23,7 +23,7 @@ import importlib
 
 # Public name -> the submodule that defines it (loaded on first use).
 _EXPORTS = {
-    "load_model": "sources", "load_tokenizer": "sources", "resolve_source": "sources",
+    "load_model": "sources", "load_tokenizer": "sources", "cast_for_inference": "sources", "resolve_source": "sources",
     "resolve_model_dir": "sources", "save_model": "folders", "load_model_folder": "folders",
     "FOLDER_KINDS": "folders", "FolderKind": "folders", "load_adapter": "peft", "save_adapter": "peft",
     "LoraSaver": "peft", "write_gguf": "gguf_write", "Tokenizer": "tokenizers",

@@ -38,18 +38,44 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
 
 # -- the entry points --------------------------------------------------------------------------------
 def load_model(source: str | Path, *, adapter: str | Path | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+               dtype: torch.dtype | None = None, precision: str | None = None) -> tuple[GPT, Tokenizer]:
     """(GPT, Tokenizer) for any source (see the module docstring), in eval mode on `device`.
 
     `adapter`: a LoRA adapter folder or LoRA run to apply on top of the source (the model then has
     LoRA layers; pocketlm.lora.merge_lora folds them in). `dtype` casts the weights (default: as stored;
-    GGUF files are dequantized to fp32).
+    GGUF files are dequantized to fp32). `precision` (auto, fp32, bf16, fp16) is the inference precision
+    generation and serving ask for instead: see `cast_for_inference`.
     """
     model, tokenizer = _load(str(source))
     if adapter is not None:
         peft.load_adapter(model, adapter)
     model.eval()
-    return (model.to(device=device, dtype=dtype) if dtype else model.to(device)), tokenizer
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    if precision is not None:
+        cast_for_inference(model, precision)
+    return model, tokenizer
+
+
+def cast_for_inference(model: GPT, precision: str = "auto") -> torch.dtype:
+    """Hold `model`'s float weights in the precision decoding runs in, and return that dtype.
+
+    `auto` is bf16 where the hardware runs it natively, else fp32 (pocketlm.device.inference_dtype). A
+    quantized model (pocketlm quantize) keeps its recorded compute dtype under `auto`; an explicit
+    precision sets its kernels' compute dtype and casts its float parameters (norms, unquantized layers).
+    """
+    from pocketlm.compress.convert import is_quantized
+    from pocketlm.compress.modules import set_compute_dtype
+    from pocketlm.device import inference_dtype, model_device
+
+    dtype = inference_dtype(model_device(model), precision)
+    if not is_quantized(model):
+        model.to(dtype=dtype)
+    elif precision != "auto":
+        set_compute_dtype(model, dtype)
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+    return dtype
 
 
 def load_tokenizer(source: str | Path) -> Tokenizer:

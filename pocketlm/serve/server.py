@@ -14,20 +14,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pocketlm.device import INFERENCE_PRECISIONS
 from pocketlm.errors import UserError
 from pocketlm.serve.engine import Engine
 
 
-def load(source: str, adapter: str | Path | None = None, device: str = "auto"):
-    """(model, tokenizer, device) for any source `pocketlm generate` accepts, with an optional LoRA adapter."""
-    from pocketlm.device import pick_device
+def load(source: str, adapter: str | Path | None = None, device: str = "auto", precision: str = "auto"):
+    """(model, tokenizer, device) for any source `pocketlm generate` accepts, with an optional LoRA adapter,
+    its float weights in `precision` (auto: bf16 where the hardware runs it natively, else fp32)."""
+    from pocketlm.device import inference_dtype, pick_device
 
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(f"--adapter {adapter} is not a folder: give the adapter folder a LoRA run saved")
     dev = pick_device(device)
+    inference_dtype(dev, precision)  # a bad --precision fails before the model loads
     from pocketlm.io import load_model
 
-    model, tokenizer = load_model(source, adapter=adapter, device=dev)
+    model, tokenizer = load_model(source, adapter=adapter, device=dev, precision=precision)
     return model.eval(), tokenizer, dev
 
 
@@ -71,7 +74,7 @@ def _describe(model, device, name: str) -> str:
 def serve(source: str, *, adapter: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, chat_template: str | Path | None = None,
           max_batch: int = 64, prefill_chunk: int = 128, default_chat_tokens: int = 512, device: str = "auto",
-          allow_origins: list[str] | None = None, log: Callable[[str], None] | None = None) -> None:
+          precision: str = "auto", allow_origins: list[str] | None = None, log: Callable[[str], None] | None = None) -> None:
     """Serve SOURCE with OpenAI's API on host:port until interrupted."""
     from pocketlm.serve import chat
     from pocketlm.serve.app import create_app
@@ -79,11 +82,13 @@ def serve(source: str, *, adapter: str | Path | None = None, host: str = "127.0.
     log = log or (lambda line: print(f"pocketlm serve: {line}", file=sys.stderr, flush=True))
     if max_batch < 1 or prefill_chunk < 1:
         raise UserError("--max-batch and --prefill-chunk must be at least 1")
+    if precision not in INFERENCE_PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}: choose one of {', '.join(INFERENCE_PRECISIONS)}")
     template = chat.read_template(chat_template) if chat_template is not None else None
     sock = bind(host, port)  # before loading: a busy port fails in a second, not after the model loads
     log(f"loading {source}{f' with adapter {adapter}' if adapter else ''} ...")
     started = time.perf_counter()
-    model, tokenizer, dev = load(source, adapter, device)
+    model, tokenizer, dev = load(source, adapter, device, precision)
     log(f"loaded in {time.perf_counter() - started:.1f}s")
     name = model_name or _default_name(source)
     engine = Engine(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk).start()
