@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from pocketlm import names
 from pocketlm.errors import UserError
 
 
@@ -79,7 +80,7 @@ def default_precision(device: torch.device) -> str:
     return "fp32"
 
 
-INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INFERENCE_PRECISIONS = names.PRECISIONS  # auto + the dtypes: the same names training takes
 
 
 def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
