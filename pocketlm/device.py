@@ -83,12 +83,17 @@ def default_precision(device: torch.device) -> str:
 INFERENCE_PRECISIONS = names.PRECISIONS  # auto + the dtypes: the same names training takes
 
 
+def check_inference_precision(precision: str) -> None:
+    """A --precision value generate and serve accept, else a one-line error (before any model loads)."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}: choose one of {', '.join(INFERENCE_PRECISIONS)}")
+
+
 def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     """The dtype generation and serving hold float weights in. `auto`: bf16 where the hardware runs it
     natively (as training's autocast picks: half the bytes read per decoded token, twice the matmul rate),
     else fp32. Norms and softmax still compute in fp32 (pocketlm.model.RMSNorm, the samplers)."""
-    if precision not in INFERENCE_PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}: choose one of {', '.join(INFERENCE_PRECISIONS)}")
+    check_inference_precision(precision)
     return precision_dtype(default_precision(device) if precision == "auto" else precision)
 
 

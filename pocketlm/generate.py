@@ -443,7 +443,7 @@ def generate_from_source(source, prompt: str | Callable[[], str] = "", *, adapte
     `prompt` may be a function returning it, called once the settings are checked (the command reads
     stdin only then).
     """
-    from pocketlm.device import inference_dtype, pick_device
+    from pocketlm.device import check_inference_precision, pick_device
     from pocketlm.io import load_model
 
     # Settings first: a bad value fails before a model is loaded.
@@ -457,7 +457,7 @@ def generate_from_source(source, prompt: str | Callable[[], str] = "", *, adapte
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(f"--adapter {adapter} is not a folder: give the adapter folder a LoRA run saved")
     where = pick_device(device)
-    inference_dtype(where, precision)  # a bad --precision fails here, before the prompt is read
+    check_inference_precision(precision)  # before the prompt is read
     text = prompt() if callable(prompt) else prompt
     model, tokenizer = load_model(source, adapter=adapter, device=where, precision=precision)
     if not text:

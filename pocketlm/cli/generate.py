@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
         args.source, lambda: _read_prompt(args), adapter=args.adapter, device=args.device,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=args.stop, num_samples=n, seed=args.seed,
-        precision=args.precision,        on_text=stream, json_out=args.json,
+        precision=args.precision, on_text=stream, json_out=args.json,
     )
     header()
     out.write("\n")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pocketlm.device import INFERENCE_PRECISIONS
+from pocketlm.device import check_inference_precision
 from pocketlm.errors import UserError
 from pocketlm.serve.engine import Engine
 
@@ -22,12 +22,12 @@ from pocketlm.serve.engine import Engine
 def load(source: str, adapter: str | Path | None = None, device: str = "auto", precision: str = "auto"):
     """(model, tokenizer, device) for any source `pocketlm generate` accepts, with an optional LoRA adapter,
     its float weights in `precision` (auto: bf16 where the hardware runs it natively, else fp32)."""
-    from pocketlm.device import inference_dtype, pick_device
+    from pocketlm.device import pick_device
 
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(f"--adapter {adapter} is not a folder: give the adapter folder a LoRA run saved")
     dev = pick_device(device)
-    inference_dtype(dev, precision)  # a bad --precision fails before the model loads
+    check_inference_precision(precision)
     from pocketlm.io import load_model
 
     model, tokenizer = load_model(source, adapter=adapter, device=dev, precision=precision)
@@ -82,8 +82,7 @@ def serve(source: str, *, adapter: str | Path | None = None, host: str = "127.0.
     log = log or (lambda line: print(f"pocketlm serve: {line}", file=sys.stderr, flush=True))
     if max_batch < 1 or prefill_chunk < 1:
         raise UserError("--max-batch and --prefill-chunk must be at least 1")
-    if precision not in INFERENCE_PRECISIONS:
-        raise UserError(f"unknown --precision {precision!r}: choose one of {', '.join(INFERENCE_PRECISIONS)}")
+    check_inference_precision(precision)
     template = chat.read_template(chat_template) if chat_template is not None else None
     sock = bind(host, port)  # before loading: a busy port fails in a second, not after the model loads
     log(f"loading {source}{f' with adapter {adapter}' if adapter else ''} ...")
