@@ -149,6 +149,7 @@ def test_full_run_checkpoint_loads_in_transformers(base, files, tmp_path):
     ("\tid\tsentence\tsentiment\n0\ta\tgood\t0.5\n1\tb\tbad\t1\n", [], "is not an integer"),
     ("\tid\tsentence\tsentiment\n0\ta\tgood\t1\n1\tb\tbad\t0\n", ["--method", "head", "--task", "lm"],
      "--method head trains a classifier"),
+    ("\tid\tsentence\tsentiment\n0\ta\tgood\t1\n1\tb\tbad\t0\n", ["--swap-pairs"], "--swap-pairs needs text pairs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys, content, flags, message):
     data = tmp_path / "bad.csv"
@@ -169,3 +170,32 @@ def test_texts_longer_than_the_context_are_cut_and_counted(base, files, tmp_path
     _finetune(base, files, short, "head", "--max-length", "3")
     assert "texts longer than 3 tokens were cut: train 160, val 40" in capsys.readouterr().err
     assert json.loads((short / "summary.json").read_text())["truncated_rows"] == {"train": 160, "val": 40}
+
+
+def test_swap_pairs_trains_on_both_orders_of_the_training_pairs_only(base, tmp_path, capsys, monkeypatch):
+    import pocketlm.classify.finetune as classify_finetune
+
+    rng = random.Random(3)
+    lines = ["id\tq1\tq2\tsame"]
+    for i in range(60):
+        a, b = rng.choice(WORDS), rng.choice(WORDS)
+        lines.append(f"id{i}\tis it {a}\tis it {a if i % 2 else b}\t{int(i % 2 or a == b)}")
+    data = tmp_path / "pairs.tsv"
+    data.write_text("\n".join(lines) + "\n")
+    encoded = {}
+    real_encode = classify_finetune.encode_rows
+
+    def spy(tokenizer, rows, max_length):
+        encoded.setdefault("parts", []).append(list(rows))
+        return real_encode(tokenizer, rows, max_length)
+
+    monkeypatch.setattr(classify_finetune, "encode_rows", spy)
+    main(["finetune", "--task", "classify", "--base", str(base), "--data", str(data), "--text-column", "q1",
+          "--text-pair-column", "q2", "--label-column", "same", "--swap-pairs", "--out", str(tmp_path / "run"),
+          *_flags("head", steps=4)])
+    assert "--swap-pairs: training on 96 rows (every pair in both orders)" in capsys.readouterr().err
+    train, val, test = encoded["parts"][:3]
+    originals = train[:48]
+    assert [(r.text_pair, r.text, r.label) for r in originals] == [(r.text, r.text_pair, r.label) for r in train[48:]]
+    assert len(val) == len(test) == 6  # held-out parts are not mirrored
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["swap_pairs"] is True

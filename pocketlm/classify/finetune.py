@@ -45,6 +45,7 @@ class ClassifyOptions:
     test_fraction: float = 0.1  # only when the file is split
     max_length: int = 256  # tokens per row (longer texts are cut and counted)
     batch_size: int = 16  # rows per optimizer step
+    swap_pairs: bool = False  # train on (b, a) beside every (a, b): symmetric tasks get twice the rows
 
 
 def say(message: str) -> None:
@@ -124,7 +125,13 @@ def finetune_classifier(cfg, opts: ClassifyOptions) -> dict:
     _recipe(cfg, opts)  # settings checked before anything loads
     if RunDir(cfg.out).checkpoint("latest") is not None and not cfg.resume:
         raise UserError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
+    if opts.swap_pairs and not opts.text_pair_column:
+        raise UserError("--swap-pairs needs text pairs: pass --text-pair-column too, or drop --swap-pairs")
     train_rows, val_rows, test_rows, classes, notes = load_splits(cfg, opts)
+    if opts.swap_pairs:  # after the split, so val and test hold no pair whose mirror was trained on
+        train_rows = train_rows + [replace(r, text=r.text_pair, text_pair=r.text) for r in train_rows]
+        notes["swap_pairs"] = True
+        say(f"--swap-pairs: training on {len(train_rows):,} rows (every pair in both orders)")
     model, tokenizer, inner, trainable = _build_model(cfg, cfg.method, len(classes), cfg.adapter)
     if opts.max_length > model.config.block_size:  # longer texts are cut to the model's context, not refused
         say(f"--max-length {opts.max_length} is longer than the model's context: using {model.config.block_size}")

@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     cls.add_argument("--text-column", default="text", help="column of the text")
     cls.add_argument("--text-pair-column", default=None, help="column of a second text (pairs, e.g. paraphrase)")
     cls.add_argument("--label-column", default="label", help="column of the label (integers or strings)")
+    cls.add_argument("--swap-pairs", action="store_true",
+                     help="also train on every pair in the other order (for symmetric tasks such as paraphrase: "
+                          "twice the training rows)")
     cls.add_argument("--val-data", default=None, metavar="FILE",
                      help="validation file; without it --data is split with --seed into train/val/test (RUN/splits/)")
     cls.add_argument("--val-fraction", type=float, default=0.1, help="validation share of that split")
@@ -95,7 +98,7 @@ def _classify(args: argparse.Namespace, cfg) -> None:
     opts = ClassifyOptions(text_column=args.text_column, label_column=args.label_column,
                            text_pair_column=args.text_pair_column, val_data=args.val_data,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                           max_length=args.max_length, batch_size=args.batch_size)
+                           max_length=args.max_length, batch_size=args.batch_size, swap_pairs=args.swap_pairs)
     summary = finetune_classifier(cfg, opts)
     keys = ("method", "steps", "best_val_accuracy", "best_step", "test_accuracy", "trainable_params",
             "final_train_loss", "wall_s")
