@@ -5,6 +5,8 @@ Variants (each in its own subprocess, so its peak RSS / GPU peak belongs to it a
   pocketlm-lora   pocketlm.lora.prepare_model(method="lora") on pocketlm's GPT
   hf-peft         AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained(is_trainable=True)
   pocketlm-lora-ac  the same LoRA with activation checkpointing (each block recomputed in backward)
+  pocketlm-lora-unshared  the same LoRA with q/k/v and gate/up run as separate matmuls
+                  (lora.SHARE_INPUT_MATMULS off: what the shared-input matmul saves)
   pocketlm-qlora  method="qlora": every block linear in NF4, adapters in fp32
   pocketlm-full   full fine-tune of the same model (for the memory comparison)
 
@@ -32,8 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from ceiling import linear_weights, measured_ceilings, step_flops_per_token  # benchmarks/ceiling.py
+
+from pocketlm.memory import find_tcmalloc
+
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("pocketlm-lora", "hf-peft", "pocketlm-lora-ac", "pocketlm-qlora", "pocketlm-full")
+VARIANTS = ("pocketlm-lora", "hf-peft", "pocketlm-lora-ac", "pocketlm-qlora", "pocketlm-full", "pocketlm-lora-unshared")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -68,6 +74,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> str:
             model, tokenizer = GPT.from_name("smollm2-135m"), load_tokenizer("smollm2")
     model = model.float()
     save_model(model, tokenizer, workdir / "model")
+    args.linear_weights = linear_weights(model)  # FLOPs per token: 4x for a LoRA step, 6x for a full one
 
     B, T = args.batch, args.context
     text = (Path(os.environ.get("POCKETLM_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / "tinyshakespeare" / "input.txt").read_text()
@@ -99,8 +106,6 @@ def run_variant(workdir: Path, variant: str, precision: str, args: argparse.Name
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     if args.allocator == "tcmalloc":
-        from pocketlm.memory import find_tcmalloc
-
         if not find_tcmalloc():
             raise SystemExit("--allocator tcmalloc: not installed (apt-get install libgoogle-perftools4)")
         env["LD_PRELOAD"] = find_tcmalloc()
@@ -111,24 +116,35 @@ def run_variant(workdir: Path, variant: str, precision: str, args: argparse.Name
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def print_table(results: list[dict], tokens_per_step: int) -> None:
+def ceiling_share(r: dict, tokens_per_step: int, weights: int, ceilings: dict) -> float:
+    """The variant's linear-layer GEMM rate as a share of this machine's measured ceiling (benchmarks/ceiling.py)."""
+    flops = step_flops_per_token(weights, frozen_base=r["variant"] != "pocketlm-full")
+    return flops * tokens_per_step / r["median_step_s"] / 1e9 / ceilings[r["precision"]]
+
+
+def print_table(results: list[dict], tokens_per_step: int, weights: int, ceilings: dict) -> None:
     gib = 2**30
-    print(f"\n{'variant':<15} {'prec':<5} {'tokens/s':>9} {'s/step':>7} {'cpu-s/step':>10} {'peak':>8} "
+    print(f"\n{'variant':<22} {'prec':<5} {'tokens/s':>9} {'ceiling':>7} {'s/step':>7} {'cpu-s/step':>10} {'peak':>8} "
           f"{'at start':>8} {'w/ load':>8} {'val loss':>9} {'train loss first->last':>22}")
     for r in results:
         if "error" in r:
-            print(f"{r['variant']:<15} {r['precision']:<5} FAILED: {r['error']}")
+            print(f"{r['variant']:<22} {r['precision']:<5} FAILED: {r['error']}")
             continue
-        print(f"{r['variant']:<15} {r['precision']:<5} {tokens_per_step / r['median_step_s']:>9.1f} "
+        print(f"{r['variant']:<22} {r['precision']:<5} {tokens_per_step / r['median_step_s']:>9.1f} "
+              f"{ceiling_share(r, tokens_per_step, weights, ceilings):>7.0%} "
               f"{r['median_step_s']:>7.2f} {r['cpu_s_per_step']:>10.2f} {r['peak_bytes'] / gib:>6.2f}GB "
               f"{r['start_bytes'] / gib:>6.2f}GB {r['process_peak_bytes'] / gib:>6.2f}GB {r['val_loss']:>9.4f} "
               f"{r['losses'][0]:>10.4f}->{r['losses'][-1]:.4f}")
     ok = {(r["variant"], r["precision"]): r for r in results if "error" not in r}
-    print("\npeak = peak RSS (CUDA: peak allocated) while training; at start = before the first step; w/ load ="
+    print(f"\nceiling = linear-layer FLOPs done per second (LoRA 4 x {weights / 1e6:.1f}M weights a token, full 6 x)"
+          f"\nas a share of this machine's GEMM ceiling measured in this run: "
+          + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in ceilings.items()))
+    print("peak = peak RSS (CUDA: peak allocated) while training; at start = before the first step; w/ load ="
           "\nprocess peak including model loading. Ratios: same precision, same invocation; 'cpu' compares"
           "\nCPU seconds per step, steadier than wall time when other processes share the cores.")
     pairs = [("pocketlm-lora", "hf-peft"), ("pocketlm-lora-ac", "hf-peft"), ("pocketlm-qlora", "hf-peft"),
-             ("pocketlm-qlora", "pocketlm-lora"), ("pocketlm-lora", "pocketlm-full")]
+             ("pocketlm-qlora", "pocketlm-lora"), ("pocketlm-lora", "pocketlm-full"),
+             ("pocketlm-lora", "pocketlm-lora-unshared")]
     for prec in PRECISIONS:
         for a, b in pairs:
             if (a, prec) in ok and (b, prec) in ok:
@@ -173,8 +189,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.batch, args.context, args.warmup, args.steps = 2, 64, 1, 2
     if args.allocator == "auto":
-        from pocketlm.memory import find_tcmalloc
-
         args.allocator = "tcmalloc" if find_tcmalloc() else "glibc-tuned"
     print(f"load: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min) on {os.cpu_count()} CPUs",
           flush=True)
@@ -182,13 +196,15 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_lora.") as tmp:
         workdir = Path(tmp)
         print(prepare(workdir, args), flush=True)
+        ceilings = measured_ceilings(args.precisions, threads=args.threads, device=args.device,
+                                     preload=find_tcmalloc() if args.allocator == "tcmalloc" else None)
         for precision in args.precisions:
             for variant in args.variants:  # variants alternate innermost: load changes hit all alike
                 r = run_variant(workdir, variant, precision, args)
                 note = r["error"] if "error" in r else f"{r['median_step_s']:.2f} s/step"
                 print(f"  {variant} {precision}: {note}", flush=True)
                 results.append(r)
-    print_table(results, args.batch * args.context)
+    print_table(results, args.batch * args.context, args.linear_weights, ceilings)
     print(f"allocator (every worker alike): {args.allocator} -- peak RSS and speed depend on it "
           "(--allocator auto | glibc | glibc-tuned | tcmalloc)")
     print(f"\nload after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -249,6 +265,7 @@ def worker(args: argparse.Namespace) -> None:
         from pocketlm.io.peft import LoraSaver
 
         model, tokenizer = load_model_folder(workdir / "model")
+        lora.SHARE_INPUT_MATMULS = args.worker != "pocketlm-lora-unshared"
         if args.worker != "pocketlm-full":
             method = "qlora" if args.worker == "pocketlm-qlora" else "lora"
             lora.prepare_model(model, method, args.rank, args.alpha, 0.0, args.targets)

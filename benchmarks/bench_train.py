@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ceiling import linear_weights, measured_ceilings, step_flops_per_token  # benchmarks/ceiling.py
+
 from pocketlm.memory import find_tcmalloc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +71,7 @@ def prepare(workdir: Path, args: argparse.Namespace) -> int:
     # Consecutive windows: x = tokens[i : i+T], y = tokens[i+1 : i+T+1].
     windows = tokens.view(n_batches, args.batch, args.context + 1)
     save_file({"windows": windows.contiguous()}, str(workdir / "batches.safetensors"))
+    args.linear_weights = linear_weights(model)
     print(f"model {args.model} ({model.num_parameters() / 1e6:.1f}M parameters), data: {source}, "
           f"batch {args.batch} x {args.context}, {args.warmup} warm-up + {args.steps} timed steps, "
           f"torch threads {args.threads or torch.get_num_threads()}", flush=True)
@@ -105,10 +108,13 @@ def merge_rounds(runs: list[dict]) -> dict:
             "sys_s_per_step": statistics.fmean(r["sys_s_per_step"] for r in runs), "rounds": len(runs)}
 
 
-def print_table(results: list[dict], tokens_per_step: int) -> None:
+def print_table(results: list[dict], tokens_per_step: int, weights: int, ceilings: dict) -> None:
+    flops = step_flops_per_token(weights, frozen_base=False)
     print("\ntokens/s from the best timed step (least disturbed by other processes) and the median one; CPU "
-          "seconds of the best step (all threads); sys: kernel time, mostly page faults")
-    print(f"{'side':<9} {'precision':<9} {'allocator':<12} {'tok/s best':>10} {'tok/s med':>9} {'cpu-s/step':>10} "
+          "seconds of the best step (all threads); sys: kernel time, mostly page faults;\nceiling: the median "
+          f"step's linear-layer FLOPs (6 x {weights / 1e6:.1f}M weights a token) per second as a share of the GEMM "
+          "ceiling measured in this run (" + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in ceilings.items()) + ")")
+    print(f"{'side':<9} {'precision':<9} {'allocator':<12} {'tok/s best':>10} {'tok/s med':>9} {'ceiling':>7} {'cpu-s/step':>10} "
           f"{'sys-s/step':>10} {'peak RSS':>9} {'faults/step':>11} {'loss first->last':>17}")
     for r in results:
         if "error" in r:
@@ -116,6 +122,7 @@ def print_table(results: list[dict], tokens_per_step: int) -> None:
             continue
         print(f"{r['side']:<9} {r['precision']:<9} {r['effective_allocator']:<12} "
               f"{tokens_per_step / r['best_step_s']:>10.1f} {tokens_per_step / r['median_step_s']:>9.1f} "
+              f"{flops * tokens_per_step / r['median_step_s'] / 1e9 / ceilings[r['precision']]:>7.0%} "
               f"{r['best_cpu_s']:>10.2f} "
               f"{r['sys_s_per_step']:>10.2f} {r['peak_rss_bytes'] / 2**30:>7.2f}GB {r['minor_faults_per_step']:>11,.0f} "
               f"{r['losses'][0]:>8.3f}->{r['losses'][-1]:.3f}")
@@ -191,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_train.") as tmp:
         workdir = Path(tmp)
         prepare(workdir, args)
+        ceilings = measured_ceilings(args.precisions, threads=args.threads or None,
+                                     preload=tcmalloc if "tcmalloc" in allocators else None)
         # Sides alternate innermost, rounds outermost, so a change in the machine's load hits all alike.
         for rnd in range(args.rounds):
             for allocator in allocators:
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"  round {rnd + 1}: {side} {precision} {allocator}: {note}", flush=True)
                         runs.setdefault((side, precision, allocator), []).append(r)
     results = [merge_rounds(v) for v in runs.values()]
-    print_table(results, args.batch * args.context)
+    print_table(results, args.batch * args.context, args.linear_weights, ceilings)
     print(f"\nload after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from pocketlm.compress.modules import QUANT_LINEARS  # int8/int4/fp8 bases (pocketlm quantize folders)
 from pocketlm.errors import UserError
 from pocketlm.io import hf
+from pocketlm.model import MLP, CausalSelfAttention
 from pocketlm.names import ADAPTER_METHODS, TARGET_MODULES, TARGET_PRESETS
-from pocketlm.quant import BLOCK_SIZE, NF4Linear, _compute_dtype, frozen_linear_lora
+from pocketlm.quant import BLOCK_SIZE, NF4Linear, _compute_dtype, frozen_linear_lora, shared_input_lora
 
 METHODS = ADAPTER_METHODS
 PRESETS = TARGET_MODULES
@@ -61,15 +62,19 @@ class LoraLinear(nn.Module):
         if gate is not None and self.training and self.dropout > 0:  # dropout needs the product itself
             x, gate = F.silu(gate) * x, None
         xd = F.dropout(x, self.dropout, training=True) if self.training and self.dropout > 0 else None
+        weight, absmax = self.frozen_weight(_compute_dtype(x))
+        return frozen_linear_lora(x, xd, weight, absmax, self.base_layer.bias, self.lora_A, self.lora_B,
+                                  self.scaling, _compute_dtype(x), gate=gate)
+
+    def frozen_weight(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, absmax) of the frozen base: a float weight (absmax None), NF4 codes, or an int8/int4/fp8
+        base's weight dequantized to dtype for this call."""
         base = self.base_layer
         if isinstance(base, NF4Linear):
-            weight, absmax = base.weight_packed, base.weight_absmax
-        elif isinstance(base, QUANT_LINEARS):  # an int8/int4/fp8 base: its weight, dequantized for this call
-            weight, absmax = base.dequantized_weight(_compute_dtype(x)), None
-        else:
-            weight, absmax = base.weight, None
-        return frozen_linear_lora(x, xd, weight, absmax, base.bias, self.lora_A, self.lora_B, self.scaling,
-                                  _compute_dtype(x), gate=gate)
+            return base.weight_packed, base.weight_absmax
+        if isinstance(base, QUANT_LINEARS):
+            return base.dequantized_weight(dtype), None
+        return base.weight, None
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A in float32: what merging adds to the base weight."""
@@ -88,6 +93,32 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, scaling={self.scaling:g}"
+
+
+# Projections that read the same input (Llama's q/k/v, gate/up) run as one matmul while training: fewer,
+# larger GEMMs and one input gradient (quant.shared_input_lora). Off: each layer alone (tests compare).
+SHARE_INPUT_MATMULS = True
+
+
+def project_together(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor] | None:
+    """The outputs of `layers` on their common input x through one fused matmul, or None when they cannot
+    share it (then each layer runs alone). They share it while gradients are on and the layers are in
+    training mode, when all are exact LoraLinear layers without active dropout (a QAT subclass computes its
+    own weight) or all are frozen plain nn.Linear layers (a LoRA run's untargeted base). At inference a
+    fused call would copy the weights for every token, so it is never taken there."""
+    if not (SHARE_INPUT_MATMULS and torch.is_grad_enabled() and layers[0].training):
+        return None
+    dtype = _compute_dtype(x)
+    if all(type(m) is LoraLinear and m.dropout == 0 for m in layers):
+        frozen = [(*m.frozen_weight(dtype), (m.out_features, m.in_features), m.base_layer.bias) for m in layers]
+        adapters = [m.lora_A for m in layers] + [m.lora_B for m in layers]
+        y = shared_input_lora(x, frozen, [m.scaling for m in layers], dtype, adapters)
+    elif all(type(m) is nn.Linear and not any(p.requires_grad for p in m.parameters()) for m in layers):
+        frozen = [(m.weight, None, (m.out_features, m.in_features), m.bias) for m in layers]
+        y = shared_input_lora(x, frozen, [], dtype)
+    else:
+        return None
+    return list(y.split([m.out_features for m in layers], dim=-1))
 
 
 # -- targets ----------------------------------------------------------------------------------------
@@ -153,6 +184,9 @@ def _wrap(model: nn.Module, names: list[str], rank: int, alpha: float, dropout: 
             _set_module(model, name, module)
         if name in wanted:
             _set_module(model, name, LoraLinear(module, rank, alpha, dropout, use_rslora))
+    for module in model.modules():
+        if isinstance(module, (CausalSelfAttention, MLP)):
+            module.project_together = project_together
 
 
 def _check_hparams(method: str, rank: int, alpha: float, dropout: float) -> None:

@@ -177,13 +177,18 @@ class CausalSelfAttention(nn.Module):
             self.o_proj = nn.Linear(config.n_head * hd, d, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
+    # LoRA runs set this (pocketlm.lora.project_together): projections of one input as one matmul, or None.
+    project_together = None
+
     def forward(self, x: torch.Tensor, rope, cache: KVCache | None, layer: int) -> torch.Tensor:
         cfg = self.config
         B, T, _ = x.shape
         if cfg.family == "gpt2":
             q, k, v = self.c_attn(x).split(cfg.n_embd, dim=2)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            layers = (self.q_proj, self.k_proj, self.v_proj)
+            together = self.project_together and self.project_together(x, layers)
+            q, k, v = together or [m(x) for m in layers]
         q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k = k.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         v = v.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
@@ -227,10 +232,13 @@ class MLP(nn.Module):
             self.down_proj = nn.Linear(width, d, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
+    project_together = None  # as in CausalSelfAttention: gate and up as one matmul in LoRA runs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.family == "gpt2":
             return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        together = self.project_together and self.project_together(x, (self.gate_proj, self.up_proj))
+        gate, up = together or (self.gate_proj(x), self.up_proj(x))
         if getattr(self.down_proj, "takes_swiglu_gate", False):  # a LoRA layer: recomputes the product
             return self.dropout(self.down_proj(up, gate=gate))
         return self.dropout(self.down_proj(ops.swiglu(gate, up)))
@@ -315,6 +323,13 @@ class _LMHeadLoss(torch.autograd.Function):
 _LOSS_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the loss: 64 MB in fp32, efficient matmuls
 
 
+def recomputed_blocks(model: nn.Module) -> int:
+    """How many blocks (the first ones) recompute in backward: activation_checkpointing True = all, an int
+    = that many (pocketlm.recompute picks it from a memory budget), False = none."""
+    setting = getattr(model, "activation_checkpointing", False)
+    return len(model.transformer.h) if setting is True else int(setting or 0)
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -332,7 +347,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.activation_checkpointing = False  # set by the trainer (TrainConfig.activation_checkpointing)
+        self.activation_checkpointing: bool | int = False  # set by the trainer: all blocks, or the first N
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * layers) so the residual stream's variance
         # does not grow with depth.
@@ -411,9 +426,9 @@ class GPT(nn.Module):
         else:
             rope = self._rope(start, T, idx.device)
         x = self.transformer.drop(x)
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        recompute = recomputed_blocks(self) if self.training and torch.is_grad_enabled() and cache is None else 0
         for layer, block in enumerate(self.transformer.h):
-            if recompute:  # keep only the block's input; run it again in backward
+            if layer < recompute:  # keep only the block's input; run it again in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, layer, use_reentrant=False)
             else:
                 x = block(x, rope, cache, layer)

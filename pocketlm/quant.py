@@ -231,6 +231,88 @@ class _FrozenLinearLora(torch.autograd.Function):
         return grad_x, grad_gate, grad_xd, None, None, None, grad_a, grad_b, None, None
 
 
+class _SharedInputLora(torch.autograd.Function):
+    """Several frozen linears (each optionally with a LoRA update) on one input, as one layer:
+    y = x [W_1; ...; W_n]^T + [b_1; ...; b_n] + (x [A_1; ...; A_n]^T) diag(s_1 B_1, ..., s_n B_n)^T.
+
+    Llama's q/k/v (576 -> 576, 192, 192 in smollm2) become one 576 -> 960 GEMM, gate/up one 576 -> 3072,
+    the input gradient one GEMM instead of n GEMMs and n - 1 sums, and the adapters' thin matmuls one
+    each instead of one per layer. The frozen weights are cast and concatenated per call (forward and
+    backward), never kept: a LoRA step holds no second copy of the base. Works on 2-D views.
+    """
+
+    @staticmethod
+    def forward(ctx, x, frozen, scalings, dtype, *adapters):
+        # frozen: ((weight, absmax, (out, in), bias), ...); adapters: (A_1..A_n, B_1..B_n) or ()
+        in_f = x.shape[-1]
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
+            x2 = x.reshape(-1, in_f).to(dtype)
+            y = x2 @ _cat_weights(frozen, dtype).t()
+            if any(f[3] is not None for f in frozen):
+                y += torch.cat([f[3].to(dtype) if f[3] is not None else torch.zeros(f[2][0], dtype=dtype,
+                                                                                      device=x.device)
+                                for f in frozen])
+            xa = None
+            if adapters:
+                n = len(frozen)
+                xa = x2 @ torch.cat([a.to(dtype) for a in adapters[:n]]).t()  # (N, sum of ranks)
+                y.addmm_(xa, _scaled_block_diag(adapters[n:], scalings, dtype).t())
+        ctx.save_for_backward(x, xa, *adapters)
+        ctx.frozen, ctx.scalings, ctx.dtype = frozen, scalings, dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, xa, *adapters = ctx.saved_tensors
+        frozen, scalings, dtype = ctx.frozen, ctx.scalings, ctx.dtype
+        n, in_f = len(frozen), x.shape[-1]
+        grads = [None] * len(adapters)
+        with torch.autocast(grad.device.type, enabled=False):
+            g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
+            need_x = ctx.needs_input_grad[0]  # not in the first block: the embeddings are frozen
+            gx = g2 @ _cat_weights(frozen, dtype) if need_x else None
+            if adapters:
+                lora_a, lora_b = adapters[:n], adapters[n:]
+                gbs = g2 @ _scaled_block_diag(lora_b, scalings, dtype)  # (N, sum of ranks): s_i g_i B_i
+                if need_x:
+                    gx.addmm_(gbs, torch.cat([a.to(dtype) for a in lora_a]))
+                x2 = x.reshape(-1, in_f)  # thin (rank x N) @ (N x in) in x's dtype: no cast of the big operand
+                grad_a = gbs.t().to(x2.dtype) @ x2
+                rows = cols = 0
+                for i, (a, b, s) in enumerate(zip(lora_a, lora_b, scalings)):
+                    r, out_f = a.shape[0], b.shape[0]
+                    grads[i] = grad_a[cols:cols + r].to(a.dtype)
+                    grads[n + i] = (g2[:, rows:rows + out_f].t() @ xa[:, cols:cols + r]).mul_(s).to(b.dtype)
+                    rows, cols = rows + out_f, cols + r
+            grad_x = gx.view(*grad.shape[:-1], in_f).to(x.dtype) if need_x else None
+        return grad_x, None, None, None, *grads
+
+
+def _cat_weights(frozen, dtype: torch.dtype) -> torch.Tensor:
+    """[W_1; ...; W_n] in dtype, each dequantized or cast once straight into its rows."""
+    out = torch.empty(sum(f[2][0] for f in frozen), frozen[0][2][1], dtype=dtype, device=frozen[0][0].device)
+    row = 0
+    for weight, absmax, shape, _ in frozen:
+        rows = out[row:row + shape[0]]
+        if absmax is None:
+            rows.copy_(weight)  # the cast happens in the copy: no temporary
+        else:
+            rows.copy_(_base_weight(weight, absmax, shape, dtype))
+        row += shape[0]
+    return out
+
+
+def _scaled_block_diag(lora_b, scalings, dtype: torch.dtype) -> torch.Tensor:
+    """diag(s_1 B_1, ..., s_n B_n): (sum of outs, sum of ranks); the zeros cost rank-sized work only."""
+    return torch.block_diag(*[(b * s).to(dtype) for b, s in zip(lora_b, scalings)])
+
+
+def shared_input_lora(x, frozen, scalings, dtype: torch.dtype, adapters=()) -> torch.Tensor:
+    """The outputs of n layers on x side by side (see _SharedInputLora); differentiable in x and the
+    adapters (A_1..A_n, B_1..B_n) only."""
+    return _SharedInputLora.apply(x, tuple(frozen), tuple(scalings), dtype, *adapters)
+
+
 def frozen_linear_lora(x, xd, weight, absmax, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype,
                        gate: torch.Tensor | None = None):
     """h W^T + b + scaling * (xd A^T) B^T with h = x, or silu(gate) * x; differentiable in x, gate, xd,

@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 where the hardware runs it natively)
     compile: bool = False
     activation_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
+    max_memory: str | None = None  # e.g. "2GB": recompute the fewest blocks whose estimated peak fits (pocketlm.recompute)
     max_steps: int = 1000
     batch_tokens: int | None = None  # tokens per optimizer step, all ranks together; None = 8192 (see Trainer)
     micro_batch: int = 8  # sequences per forward pass
@@ -281,6 +282,8 @@ _FLAGS: list[tuple[str, type, str, str | None]] = [
     ("sample_tokens", int, "tokens per sample during training", None),
     ("eval_prompts", str, "JSONL of prompt/reference pairs scored during training", "none"),
     ("eval_form", str, f"form check during training: {', '.join(FORMS)}", "none"),
+    ("max_memory", str, "memory budget of a training step, e.g. 2GB: recompute the fewest blocks in backward "
+     "whose estimated peak fits (ignored with --activation-checkpointing, which recomputes all)", "no budget"),
     ("wandb_project", str, "also log metrics to Weights & Biases under this project (pip install wandb; "
      "WANDB_MODE=offline works without an account)", "off"),
     ("teacher", str, "distil from this model SOURCE (it must share the student's tokenizer): the loss adds "

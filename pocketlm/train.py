@@ -51,6 +51,7 @@ from pocketlm.recipe import (
     config_from_args,
     load_recipe,
 )
+from pocketlm.recompute import apply_memory_budget
 from pocketlm.rundir import RunDir, damaged
 from pocketlm.tokenizer import Tokenizer, check_same_tokenizer, load_tokenizer
 
@@ -268,6 +269,9 @@ class Trainer:
         model.to(self.device)
         store_frozen_linears(model, self.precision)
         model.activation_checkpointing = cfg.activation_checkpointing
+        if cfg.max_memory and not cfg.activation_checkpointing:  # the least recomputation that fits
+            longest = max([int(c) for _, c in cfg.context_schedule or []] + [cfg.context_at(0, self.model_context)])
+            apply_memory_budget(model, cfg, self.device, self.precision, longest)
         model.train()
 
     def _resume(self, latest: Path | None) -> dict | None:

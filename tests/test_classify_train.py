@@ -199,3 +199,17 @@ def test_swap_pairs_trains_on_both_orders_of_the_training_pairs_only(base, tmp_p
     assert [(r.text_pair, r.text, r.label) for r in originals] == [(r.text, r.text_pair, r.label) for r in train[48:]]
     assert len(val) == len(test) == 6  # held-out parts are not mirrored
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["swap_pairs"] is True
+    from pocketlm.classify.io import load_classifier
+    from pocketlm.classify.predict import predict_logits, rows_logits
+
+    model, tok, info = load_classifier(tmp_path / "run")
+    assert info.symmetric_pairs is True  # predictions average both orders of a pair
+    mixed, _ = rows_logits(model, tok, test, info)
+    one = predict_logits(model, [tok.encode(r.text) + [info.separator_id] + tok.encode(r.text_pair) for r in test],
+                         pad_id=info.pad_id)
+    other = predict_logits(model, [tok.encode(r.text_pair) + [info.separator_id] + tok.encode(r.text) for r in test],
+                           pad_id=info.pad_id)
+    torch.testing.assert_close(mixed.exp(), (one.softmax(-1) + other.softmax(-1)) / 2)
+    out = tmp_path / "eval.json"
+    main(["eval", str(tmp_path / "run"), "--classify", str(data), "--json", str(out)])
+    assert json.loads(out.read_text())["settings"]["both_pair_orders"] is True

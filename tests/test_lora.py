@@ -429,3 +429,45 @@ def test_bf16_training_holds_the_frozen_base_in_bf16_with_identical_numbers():
     assert torch.equal(loss, ref_loss)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("method, targets", [("lora", "all-linear"), ("lora", "attn"), ("qlora", "all-linear")])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_projections_of_one_input_share_one_matmul_with_the_same_loss_and_gradients(method, targets, precision,
+                                                                                     monkeypatch):
+    """Llama's q/k/v and gate/up run as one fused matmul while training (LoRA layers, or the frozen
+    untargeted base): same loss and gradients as each layer alone, and the fused path is really taken."""
+    from pocketlm import quant
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config("llama"))
+    lora.prepare_model(model, method, rank=4, alpha=8, dropout=0.0, targets=targets)
+    _nonzero_adapter(model)
+    model.transformer.h[0].attn.k_proj.scaling = 3.0  # layers of one group may scale differently (rank_pattern)
+    ids = _ids(2, 16)
+    fused_calls = []
+    real_apply = quant._SharedInputLora.apply
+    monkeypatch.setattr(quant._SharedInputLora, "apply", lambda *a: fused_calls.append(1) or real_apply(*a))
+
+    def run(share: bool):
+        monkeypatch.setattr(lora, "SHARE_INPUT_MATMULS", share)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            _, loss = model(ids[:, :-1], ids[:, 1:], return_logits=False)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = run(False)
+    assert fused_calls == []
+    loss, grads = run(True)
+    assert len(fused_calls) == 2 * 2  # q/k/v and gate/up in each of 2 blocks
+    tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(loss, plain_loss, **tol)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], **tol, msg=name)
+    model.eval()
+    fused_calls.clear()
+    with torch.no_grad():  # inference: never fused (it would copy the weights for every token)
+        model(ids)
+    assert fused_calls == []

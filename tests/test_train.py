@@ -212,3 +212,67 @@ def test_compiled_training_follows_eager_training(tiny_data, tmp_path):
 def _losses_of(cfg: TrainConfig) -> list[tuple[int, float]]:
     _train(cfg)
     return _losses(Path(cfg.out))
+
+
+def test_recomputing_some_blocks_changes_no_number_and_saves_in_proportion():
+    """activation_checkpointing = k recomputes the first k blocks: same loss and gradients, and the saved
+    activations fall with k."""
+    torch.manual_seed(0)
+    model = GPT.from_name("gpt2-tiny").train()
+    ids = torch.randint(0, 50257, (2, 33))
+    n = len(model.transformer.h)
+
+    def run(setting):
+        model.activation_checkpointing = setting
+        model.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            _, loss = model(ids[:, :-1], ids[:, 1:], return_logits=False)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}, \
+            sum(t.numel() for t in saved if t.dim() == 3)
+
+    results = [run(setting) for setting in (False, 1, n - 1, True)]
+    for loss, grads, _ in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        for name in grads:
+            torch.testing.assert_close(grads[name], results[0][1][name], rtol=0, atol=0, msg=name)
+    saved = [r[2] for r in results]
+    assert saved[0] > saved[1] > saved[2] > saved[3]
+
+
+@pytest.mark.parametrize("text, value", [("2GB", 2 * 10**9), ("1.5GiB", int(1.5 * 2**30)), ("800mb", 800 * 10**6),
+                                         ("123", 123), ("64 MiB", 64 * 2**20), ("3g", 3 * 10**9)])
+def test_memory_sizes_parse(text, value):
+    from pocketlm.recompute import parse_size
+
+    assert parse_size(text) == value
+
+
+def test_a_memory_budget_picks_the_least_recomputation_that_fits():
+    from pocketlm.recompute import parse_size, plan_recompute
+
+    with pytest.raises(UserError, match="is not a size"):
+        parse_size("lots")
+    torch.manual_seed(0)
+    model = GPT.from_name("gpt2-tiny")
+    plan = dict(micro_batch=4, context=64, device=torch.device("cpu"), precision="fp32", before_training=10**9)
+    _, estimate = plan_recompute(model, budget=10**15, **plan)
+    assert estimate["recompute"] == 0 and estimate["block_bytes"] > estimate["block_input_bytes"] > 0
+    n, block, kept = estimate["blocks"], estimate["block_bytes"], estimate["block_input_bytes"]
+    full = estimate["estimated_peak"]
+    chosen = [plan_recompute(model, budget=full - int((k - 0.5) * (block - kept)), **plan)[0] for k in range(1, n + 1)]
+    assert chosen == list(range(1, n + 1))  # each block less of budget recomputes one more block
+    with pytest.raises(UserError, match="even with every block recomputed: raise it, or lower --micro-batch"):
+        plan_recompute(model, budget=full - int((n + 0.5) * (block - kept)), **plan)
+
+
+def test_max_memory_reaches_the_trainer_and_is_said(tiny_data, tmp_path, capsys):
+    _train(_cfg(tiny_data, tmp_path / "run", max_steps=2, max_memory="1000GB"))
+    assert "--max-memory 1000GB: recomputing 0 of 4 blocks in backward (estimated peak " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["pretrain", "--model", "gpt2-tiny", "--data", str(tiny_data), "--out", str(tmp_path / "small"),
+              "--max-steps", "1", "--device", "cpu", "--max-memory", "1MB"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "even with every block recomputed" in err[-1]
+    assert not (tmp_path / "small" / "checkpoints").exists()

@@ -146,7 +146,7 @@ def finetune_classifier(cfg, opts: ClassifyOptions) -> dict:
     info = ClassifierInfo(labels=classes, text_column=opts.text_column, label_column=opts.label_column,
                           text_pair_column=opts.text_pair_column, max_length=opts.max_length,
                           separator_id=tokenizer.eos_id if opts.text_pair_column else None, pad_id=pad,
-                          method=cfg.method, base=cfg.model)
+                          method=cfg.method, base=cfg.model, symmetric_pairs=opts.swap_pairs)
     precision = None if cfg.precision == "auto" else cfg.precision
     source = ClassificationBatchSource(encoded["train"].ids, label_ids(train_rows, classes), seed=cfg.seed,
                                        pad_id=pad, max_length=opts.max_length, tokenizer_identity=tokenizer.identity,
@@ -166,11 +166,10 @@ def _score_test(run: str, rows: list[Row], classes: list) -> dict:
     """The best checkpoint on the held-out test part of the split."""
     from pocketlm.classify.io import load_classifier
     from pocketlm.classify.metrics import classification_metrics
-    from pocketlm.classify.predict import predict_logits
+    from pocketlm.classify.predict import rows_logits
 
     model, tokenizer, info = load_classifier(run)
-    ids = encode_rows(tokenizer, rows, info.max_length).ids
-    preds = predict_logits(model, ids, pad_id=info.pad_id).argmax(-1).tolist()
+    preds = rows_logits(model, tokenizer, rows, info)[0].argmax(-1).tolist()
     result = classification_metrics(label_ids(rows, classes), preds, classes)
     say(f"test part ({len(rows):,} rows), best checkpoint: accuracy {result['accuracy']:.4f}, "
         f"macro-F1 {result['macro_f1']:.4f}")

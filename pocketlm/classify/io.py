@@ -33,6 +33,7 @@ class ClassifierInfo:
     text_pair_column: str | None = None
     max_length: int = 512
     separator_id: int | None = None  # between the two texts of a pair
+    symmetric_pairs: bool = False  # trained with --swap-pairs: predictions average both orders of a pair
     pad_id: int = 0
     method: str = "full"
     base: str | None = None

@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 
 from pocketlm.device import autocast_dtype
 from pocketlm.errors import UserError
+from pocketlm.model import recomputed_blocks
 
 HEAD = "score"
 
@@ -61,9 +62,9 @@ def hidden_states(model: nn.Module, idx: torch.Tensor, *, final_norm: bool = Tru
     else:
         rope = model._rope(0, T, idx.device)
     x = model.transformer.drop(x)
-    recompute = getattr(model, "activation_checkpointing", False) and model.training and torch.is_grad_enabled()
+    recompute = recomputed_blocks(model) if model.training and torch.is_grad_enabled() else 0
     for layer, block in enumerate(model.transformer.h):
-        if recompute:
+        if layer < recompute:
             x = torch.utils.checkpoint.checkpoint(block, x, rope, None, layer, use_reentrant=False)
         else:
             x = block(x, rope, None, layer)

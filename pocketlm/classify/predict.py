@@ -43,6 +43,23 @@ def predict_logits(model, ids: list[list[int]], *, pad_id: int, batch_size: int 
     return out
 
 
+def rows_logits(model, tokenizer, rows, info, **kw) -> tuple[torch.Tensor, int]:
+    """(logits, truncated rows) of labelled rows for a saved classifier. A classifier trained on both
+    orders of its pairs (--swap-pairs: a symmetric task) answers with the mean of its probabilities over
+    (a, b) and (b, a), returned as log-probabilities."""
+    from dataclasses import replace
+
+    from pocketlm.classify.data import encode_rows
+
+    encoded = encode_rows(tokenizer, rows, info.max_length)
+    logits = predict_logits(model, encoded.ids, pad_id=info.pad_id, **kw)
+    if not (info.symmetric_pairs and rows and rows[0].text_pair is not None):
+        return logits, encoded.truncated
+    swapped = encode_rows(tokenizer, [replace(r, text=r.text_pair, text_pair=r.text) for r in rows], info.max_length)
+    other = predict_logits(model, swapped.ids, pad_id=info.pad_id, **kw)
+    return ((logits.softmax(-1) + other.softmax(-1)) / 2).log(), encoded.truncated
+
+
 def evaluate_classifier(source: str, path: str | Path, *, text_column: str | None = None,
                         label_column: str | None = None, text_pair_column: str | None = None,
                         batch_size: int = 32, device: str = "auto", precision: str | None = None,
@@ -54,7 +71,7 @@ def evaluate_classifier(source: str, path: str | Path, *, text_column: str | Non
     `holdout`: score only that part (train, val, test) of the file's seeded split (finetune's, when the
     run had no --val-data).
     """
-    from pocketlm.classify.data import encode_rows, label_ids, read_labelled, select_holdout
+    from pocketlm.classify.data import label_ids, read_labelled, select_holdout
     from pocketlm.classify.io import load_classifier
     from pocketlm.classify.metrics import classification_metrics
     from pocketlm.device import pick_device
@@ -72,14 +89,14 @@ def evaluate_classifier(source: str, path: str | Path, *, text_column: str | Non
         print(f"pocketlm eval: {note}", file=sys.stderr)
     rows = rows[:limit] if limit else rows
     labels = label_ids(rows, info.labels, str(path))
-    encoded = encode_rows(tokenizer, rows, info.max_length)
     model.to(dev)
-    logits = predict_logits(model, encoded.ids, pad_id=info.pad_id, batch_size=batch_size, device=dev,
-                            precision=precision, progress=True)
+    logits, truncated = rows_logits(model, tokenizer, rows, info, batch_size=batch_size, device=dev,
+                                    precision=precision, progress=True)
     preds = logits.argmax(dim=-1).tolist()
     result = classification_metrics(labels, preds, info.labels)
     result.update(skipped_rows=data.skipped_total, skipped_reasons=dict(data.skipped),
-                  truncated_rows=encoded.truncated, max_length=info.max_length, holdout=note)
+                  truncated_rows=truncated, max_length=info.max_length, holdout=note,
+                  both_pair_orders=bool(info.symmetric_pairs and info.text_pair_column))
     if predictions is not None:
         from pocketlm.atomic import atomic_write_text
 

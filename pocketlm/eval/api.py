@@ -218,7 +218,8 @@ def _classify_report(req: EvalRequest) -> dict:
     metrics = {k: r[k] for k in ("accuracy", "macro_f1", "examples", "skipped_rows", "truncated_rows")}
     return rep.build_report(model=req.source, adapter=None, data=rep.data_hashes([req.classify]),
                             settings={"device": req.device, "precision": req.precision, "limit": req.limit,
-                                      "max_length": r["max_length"], "holdout": r.get("holdout")},
+                                      "max_length": r["max_length"], "holdout": r.get("holdout"),
+                                      "both_pair_orders": r["both_pair_orders"]},
                             metrics=metrics, sections={k: r[k] for k in ("per_class", "confusion_matrix", "labels",
                                                                          "skipped_reasons")},
                             extra={"predictions_file": r.get("predictions_file")})
