@@ -5,8 +5,8 @@ Variants (each in its own subprocess, so its peak RSS / GPU peak belongs to it a
   pocketlm-lora   pocketlm.lora.prepare_model(method="lora") on pocketlm's GPT
   hf-peft         AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained(is_trainable=True)
   pocketlm-lora-ac  the same LoRA with activation checkpointing (each block recomputed in backward)
-  pocketlm-lora-unshared  the same LoRA with q/k/v and gate/up run as separate matmuls
-                  (lora.SHARE_INPUT_MATMULS off: what the shared-input matmul saves)
+  pocketlm-lora-shared  the same LoRA with q/k/v and gate/up each run as one matmul
+                  (lora.SHARE_INPUT_MATMULS on; off by default: slower on the CPU it was measured on)
   pocketlm-qlora  method="qlora": every block linear in NF4, adapters in fp32
   pocketlm-full   full fine-tune of the same model (for the memory comparison)
 
@@ -39,7 +39,7 @@ from ceiling import linear_weights, measured_ceilings, step_flops_per_token  # b
 from pocketlm.memory import find_tcmalloc
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("pocketlm-lora", "hf-peft", "pocketlm-lora-ac", "pocketlm-qlora", "pocketlm-full", "pocketlm-lora-unshared")
+VARIANTS = ("pocketlm-lora", "hf-peft", "pocketlm-lora-ac", "pocketlm-qlora", "pocketlm-full", "pocketlm-lora-shared")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -144,7 +144,7 @@ def print_table(results: list[dict], tokens_per_step: int, weights: int, ceiling
           "\nCPU seconds per step, steadier than wall time when other processes share the cores.")
     pairs = [("pocketlm-lora", "hf-peft"), ("pocketlm-lora-ac", "hf-peft"), ("pocketlm-qlora", "hf-peft"),
              ("pocketlm-qlora", "pocketlm-lora"), ("pocketlm-lora", "pocketlm-full"),
-             ("pocketlm-lora", "pocketlm-lora-unshared")]
+             ("pocketlm-lora-shared", "pocketlm-lora")]
     for prec in PRECISIONS:
         for a, b in pairs:
             if (a, prec) in ok and (b, prec) in ok:
@@ -265,7 +265,7 @@ def worker(args: argparse.Namespace) -> None:
         from pocketlm.io.peft import LoraSaver
 
         model, tokenizer = load_model_folder(workdir / "model")
-        lora.SHARE_INPUT_MATMULS = args.worker != "pocketlm-lora-unshared"
+        lora.SHARE_INPUT_MATMULS = args.worker == "pocketlm-lora-shared"
         if args.worker != "pocketlm-full":
             method = "qlora" if args.worker == "pocketlm-qlora" else "lora"
             lora.prepare_model(model, method, args.rank, args.alpha, 0.0, args.targets)

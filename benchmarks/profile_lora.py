@@ -6,7 +6,7 @@ operators by self CPU time, and the share of matrix multiplies (aten::mm/addmm/b
 kernels) in the step.
 
     python benchmarks/profile_lora.py
-    python benchmarks/profile_lora.py --unshared     # q/k/v and gate/up as separate matmuls
+    python benchmarks/profile_lora.py --shared       # q/k/v and gate/up each as one matmul
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--rows", type=int, default=20)
-    p.add_argument("--unshared", action="store_true", help="lora.SHARE_INPUT_MATMULS off")
+    p.add_argument("--shared", action="store_true", help="lora.SHARE_INPUT_MATMULS on")
     args = p.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -37,7 +37,7 @@ def main() -> None:
     from pocketlm.tokenizer import load_tokenizer
     from pocketlm.train import trainer_on_windows
 
-    lora.SHARE_INPUT_MATMULS = not args.unshared
+    lora.SHARE_INPUT_MATMULS = args.shared
     torch.manual_seed(0)
     model = GPT.from_name("smollm2-135m")
     lora.prepare_model(model, "lora", 8, 16, 0.0, "all-linear")

@@ -95,9 +95,12 @@ class LoraLinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, scaling={self.scaling:g}"
 
 
-# Projections that read the same input (Llama's q/k/v, gate/up) run as one matmul while training: fewer,
-# larger GEMMs and one input gradient (quant.shared_input_lora). Off: each layer alone (tests compare).
-SHARE_INPUT_MATMULS = True
+# Projections that read the same input (Llama's q/k/v, gate/up) can run as one matmul while training:
+# fewer, larger GEMMs and one input gradient (quant.shared_input_lora). Off by default: on the 2-core
+# AVX512-BF16 CPU it was measured on, the LoRA step of smollm2-135m ran 0.90x as fast (bf16; fp32 0.95x)
+# with 1.06x the peak memory (benchmarks/bench_lora.py, variant pocketlm-lora-shared). Kept, tested equal,
+# for machines where larger GEMMs pay (measure there first).
+SHARE_INPUT_MATMULS = False
 
 
 def project_together(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor] | None:
