@@ -31,26 +31,17 @@ VARIANTS = ("eager", "block", "block-max", "whole")
 
 
 def worker(args: argparse.Namespace) -> None:
-    import torch
+    from lora_step import lora_trainer
 
-    from pocketlm import lora
-    from pocketlm.device import default_precision
-    from pocketlm.model import GPT
-    from pocketlm.tokenizer import load_tokenizer
-    from pocketlm.train import trainer_on_windows
+    def compile_blocks(model) -> None:
+        if args.variant.startswith("block"):
+            mode = "max-autotune-no-cudagraphs" if args.variant == "block-max" else None
+            for block in model.transformer.h:
+                block.compile(dynamic=False, mode=mode)  # nn.Module.compile: the module stays in place
 
-    torch.manual_seed(0)
-    model = GPT.from_name(args.model)
-    lora.prepare_model(model, "lora", 8, 16, 0.0, "all-linear")
-    if args.variant.startswith("block"):
-        mode = "max-autotune-no-cudagraphs" if args.variant == "block-max" else None
-        for block in model.transformer.h:
-            block.compile(dynamic=False, mode=mode)  # nn.Module.compile: the module stays in place
-    windows = torch.randint(0, model.config.vocab_size, (args.steps + 1, args.batch, args.context + 1))
-    precision = default_precision(torch.device("cpu"))
-    trainer = trainer_on_windows(model, load_tokenizer("smollm2"), windows, lr=1e-3, steps=args.steps + 1,
-                                 out=Path(args.workdir) / f"run-{args.variant}", device="cpu", precision=precision,
-                                 compile=args.variant == "whole")
+    trainer, precision = lora_trainer(Path(args.workdir) / f"run-{args.variant}", batch=args.batch,
+                                      context=args.context, steps=args.steps + 1, model_name=args.model,
+                                      prepare=compile_blocks, compile=args.variant == "whole")
     times, losses = [], []
     for _ in range(args.steps + 1):
         t0 = time.perf_counter()

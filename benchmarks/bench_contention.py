@@ -49,21 +49,11 @@ def run_setting(threads: int, policy: str, args: argparse.Namespace, workdir: Pa
 
 def worker(args: argparse.Namespace) -> None:
     import torch
-
-    from pocketlm import lora
-    from pocketlm.device import default_precision
-    from pocketlm.model import GPT
-    from pocketlm.tokenizer import load_tokenizer
-    from pocketlm.train import trainer_on_windows
+    from lora_step import lora_trainer
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = GPT.from_name("smollm2-135m")
-    lora.prepare_model(model, "lora", 8, 16, 0.0, "all-linear")
-    windows = torch.randint(0, model.config.vocab_size, (args.steps + 1, args.batch, args.context + 1))
-    precision = default_precision(torch.device("cpu"))
-    trainer = trainer_on_windows(model, load_tokenizer("smollm2"), windows, lr=1e-3, steps=args.steps + 1,
-                                 out=Path(args.workdir) / f"run-{os.getpid()}", device="cpu", precision=precision)
+    trainer, precision = lora_trainer(Path(args.workdir) / f"run-{os.getpid()}", batch=args.batch,
+                                      context=args.context, steps=args.steps + 1)
     times = []
     for _ in range(args.steps + 1):
         t0 = time.perf_counter()

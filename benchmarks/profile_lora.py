@@ -29,23 +29,15 @@ def main() -> None:
     p.add_argument("--shared", action="store_true", help="lora.SHARE_INPUT_MATMULS on")
     args = p.parse_args()
     import torch
+    from lora_step import lora_trainer
     from torch.profiler import ProfilerActivity, profile
 
     from pocketlm import lora
-    from pocketlm.device import default_precision
-    from pocketlm.model import GPT
-    from pocketlm.tokenizer import load_tokenizer
-    from pocketlm.train import trainer_on_windows
 
     lora.SHARE_INPUT_MATMULS = args.shared
-    torch.manual_seed(0)
-    model = GPT.from_name("smollm2-135m")
-    lora.prepare_model(model, "lora", 8, 16, 0.0, "all-linear")
-    windows = torch.randint(0, model.config.vocab_size, (args.steps + 1, args.batch, args.context + 1))
-    precision = default_precision(torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = trainer_on_windows(model, load_tokenizer("smollm2"), windows, lr=1e-3, steps=args.steps + 1,
-                                     out=Path(tmp) / "run", device="cpu", precision=precision)
+        trainer, precision = lora_trainer(Path(tmp) / "run", batch=args.batch, context=args.context,
+                                          steps=args.steps + 1)
         trainer.step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):

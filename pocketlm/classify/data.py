@@ -17,7 +17,7 @@ import json
 import random
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pocketlm.errors import UserError
@@ -243,6 +243,11 @@ def write_rows(path: str | Path, rows: list[Row], text_column: str, label_column
 class Encoded:
     ids: list[list[int]]
     truncated: int  # rows cut to max_length
+
+
+def swapped(rows: list[Row]) -> list[Row]:
+    """Each pair in the other order, (b, a) for (a, b): --swap-pairs trains on and predicts with both."""
+    return [replace(r, text=r.text_pair, text_pair=r.text) for r in rows]
 
 
 def separator_id(tokenizer) -> int:

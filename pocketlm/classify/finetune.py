@@ -25,6 +25,7 @@ from pocketlm.classify.data import (
     label_ids,
     read_labelled,
     split_rows,
+    swapped,
     write_rows,
 )
 from pocketlm.classify.io import ClassifierInfo, ClassifierSaver
@@ -129,7 +130,7 @@ def finetune_classifier(cfg, opts: ClassifyOptions) -> dict:
         raise UserError("--swap-pairs needs text pairs: pass --text-pair-column too, or drop --swap-pairs")
     train_rows, val_rows, test_rows, classes, notes = load_splits(cfg, opts)
     if opts.swap_pairs:  # after the split, so val and test hold no pair whose mirror was trained on
-        train_rows = train_rows + [replace(r, text=r.text_pair, text_pair=r.text) for r in train_rows]
+        train_rows = train_rows + swapped(train_rows)
         notes["swap_pairs"] = True
         say(f"--swap-pairs: training on {len(train_rows):,} rows (every pair in both orders)")
     model, tokenizer, inner, trainable = _build_model(cfg, cfg.method, len(classes), cfg.adapter)

@@ -47,16 +47,13 @@ def rows_logits(model, tokenizer, rows, info, **kw) -> tuple[torch.Tensor, int]:
     """(logits, truncated rows) of labelled rows for a saved classifier. A classifier trained on both
     orders of its pairs (--swap-pairs: a symmetric task) answers with the mean of its probabilities over
     (a, b) and (b, a), returned as log-probabilities."""
-    from dataclasses import replace
-
-    from pocketlm.classify.data import encode_rows
+    from pocketlm.classify.data import encode_rows, swapped
 
     encoded = encode_rows(tokenizer, rows, info.max_length)
     logits = predict_logits(model, encoded.ids, pad_id=info.pad_id, **kw)
     if not (info.symmetric_pairs and rows and rows[0].text_pair is not None):
         return logits, encoded.truncated
-    swapped = encode_rows(tokenizer, [replace(r, text=r.text_pair, text_pair=r.text) for r in rows], info.max_length)
-    other = predict_logits(model, swapped.ids, pad_id=info.pad_id, **kw)
+    other = predict_logits(model, encode_rows(tokenizer, swapped(rows), info.max_length).ids, pad_id=info.pad_id, **kw)
     return ((logits.softmax(-1) + other.softmax(-1)) / 2).log(), encoded.truncated
 
 
