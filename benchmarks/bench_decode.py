@@ -10,6 +10,8 @@ counts the tokens after the first one over the time after the first one (prefill
 
   pocketlm-fp32 / pocketlm-bf16     the model in that dtype (KV-cache loop of pocketlm.generate)
   pocketlm-int8 / pocketlm-int4     `pocketlm quantize` folders (int8 and int4 group-32 kernels)
+  pocketlm-*-compiled               the same with the decode step compiled (`generate --compile`); the
+                                    compile runs before timing and its seconds are printed
   transformers-fp32 / -bf16         AutoModelForCausalLM.generate on the same weights (an HF folder)
   llamacpp-q4_1                     llama.cpp (llama-cpp-python) on the built-in Q4_1 GGUF of smollm2-135m
   llamacpp-q8_0                     llama.cpp on the Q8_0 export of the pocketlm int8 folder (same weights)
@@ -33,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("pocketlm-fp32", "pocketlm-bf16", "pocketlm-int8", "pocketlm-int4", "transformers-fp32",
+VARIANTS = ("pocketlm-fp32", "pocketlm-bf16", "pocketlm-int8", "pocketlm-int4", "pocketlm-fp32-compiled",
+            "pocketlm-bf16-compiled", "pocketlm-int8-compiled", "pocketlm-int4-compiled", "transformers-fp32",
             "transformers-bf16", "llamacpp-q4_1", "llamacpp-q8_0")
 TEXT = ("The history of the old city begins with a small harbour on the northern coast, where fishermen "
         "traded salt and wool with merchants from the islands. Over three centuries the town grew around the "
@@ -63,15 +66,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 class Pocketlm:
-    def __init__(self, model, threads: int) -> None:
-        self.model = model.eval()
+    def __init__(self, model, threads: int, compiled: bool = False) -> None:
+        self.model, self.compiled = model.eval(), compiled
+        self.compile_seconds: dict[int, float] = {}  # per cache length: the first compile of each
 
     def decode(self, ids: list[int], n: int) -> tuple[list[int], float]:
-        from pocketlm.generate import SamplingSettings, generate_tokens
+        from pocketlm.generate import SamplingSettings, compile_decode, generate_tokens
 
+        if self.compiled and len(ids) + n not in self.compile_seconds:
+            self.compile_seconds[len(ids) + n] = compile_decode(self.model, 1, len(ids) + n)
         stamps: list[float] = []
         settings = SamplingSettings(max_new_tokens=n, temperature=0)
-        out = generate_tokens(self.model, torch.tensor([ids]), settings, eos_id=None,
+        out = generate_tokens(self.model, torch.tensor([ids]), settings, eos_id=None, compiled=self.compiled,
                               on_step=lambda rows, toks: stamps.append(time.perf_counter()))
         return out[0].tolist(), (n - 1) / (stamps[-1] - stamps[0])
 
@@ -162,11 +168,12 @@ def build(args, tmp: Path) -> tuple[dict, dict, dict, list[int], dict]:
             sys.exit(f"unknown variant {v}: choose from {', '.join(VARIANTS)}")
     ctx = args.prompt_tokens + args.new_tokens
     for v in wanted:
-        kind, fmt = v.split("-")
+        kind, fmt, *compiled = v.split("-")
         try:
             if kind == "pocketlm":
                 if fmt in ("int8", "int4"):
-                    quantize(fp32_dir, fmt, tmp / fmt, progress=False)
+                    if not (tmp / fmt).exists():  # the compiled variant loads the same folder
+                        quantize(fp32_dir, fmt, tmp / fmt, progress=False)
                     from pocketlm.io import load_model
 
                     m = load_model(tmp / fmt)[0]
@@ -174,7 +181,7 @@ def build(args, tmp: Path) -> tuple[dict, dict, dict, list[int], dict]:
                     import copy
 
                     m = copy.deepcopy(model).to(torch.bfloat16 if fmt == "bf16" else torch.float32)
-                runners[v], nbytes[v] = Pocketlm(m, args.threads), weight_bytes(m)
+                runners[v], nbytes[v] = Pocketlm(m, args.threads, compiled=bool(compiled)), weight_bytes(m)
             elif kind == "transformers":
                 r = Transformers(fp32_dir, torch.bfloat16 if fmt == "bf16" else torch.float32, tok.eos_id)
                 runners[v], nbytes[v] = r, weight_bytes(r.model)
@@ -247,24 +254,28 @@ def report(args, runners, nbytes, notes, info, rates, prefill, tokens) -> None:
     print(f"threads {args.threads}, {os.cpu_count()} CPUs, load average {load:.2f}, repeats {args.repeats}, "
           f"measured read bandwidth {bandwidth:.1f} GB/s")
     print()
-    print(f"{'variant':<19}{'decode tok/s':>13}{'best':>8}{'prefill tok/s':>15}{'weights MB':>12}{'bound tok/s':>13}"
+    print(f"{'variant':<24}{'decode tok/s':>13}{'best':>8}{'prefill tok/s':>15}{'weights MB':>12}{'bound tok/s':>13}"
           f"{'% of bound':>12}{'same tokens':>13}")
     ref = tokens.get("pocketlm-fp32")
     med = {v: statistics.median(r) for v, r in rates.items()}
     for v in VARIANTS:
         if v not in runners:
             if v in notes:
-                print(f"{v:<19}{notes[v]}")
+                print(f"{v:<24}{notes[v]}")
             continue
         bound = bandwidth * 1e9 / nbytes[v]
         same = "-" if ref is None else f"{_agree(ref, tokens[v])}/{len(ref)}"
-        print(f"{v:<19}{med[v]:>13.1f}{max(rates[v]):>8.1f}{statistics.median(prefill[v]):>15.1f}"
+        print(f"{v:<24}{med[v]:>13.1f}{max(rates[v]):>8.1f}{statistics.median(prefill[v]):>15.1f}"
               f"{nbytes[v] / 1e6:>12.1f}{bound:>13.1f}{100 * med[v] / bound:>11.0f}%{same:>13}")
     print()
     pairs = [("pocketlm-int8", "pocketlm-fp32", "decode", "goal >= 3"),
+             ("pocketlm-int8-compiled", "pocketlm-fp32", "decode", "goal >= 3"),
+             ("pocketlm-int8-compiled", "pocketlm-fp32-compiled", "decode", ""),
              ("pocketlm-int4", "llamacpp-q4_1", "decode", "goal >= 1.0"),
+             ("pocketlm-int4-compiled", "llamacpp-q4_1", "decode", "goal >= 1.0"),
              ("pocketlm-int8", "transformers-fp32", "prefill", "goal >= 1.5"),
-             ("pocketlm-fp32", "transformers-fp32", "decode", "")]
+             ("pocketlm-fp32", "transformers-fp32", "decode", ""),
+             ("pocketlm-bf16-compiled", "transformers-bf16", "decode", "")]
     for a, b, what, goal in pairs:
         if a in med and b in med:
             x = med[a] / med[b] if what == "decode" else statistics.median(prefill[a]) / statistics.median(prefill[b])
@@ -272,6 +283,9 @@ def report(args, runners, nbytes, notes, info, rates, prefill, tokens) -> None:
         else:
             print(f"{what} {a} / {b}: not measured ({', '.join(notes.get(v, 'not selected') for v in (a, b) if v not in med)})")
     print("same tokens: greedy tokens identical to pocketlm-fp32 before the first difference")
+    for v, r in runners.items():
+        if getattr(r, "compile_seconds", None):
+            print(f"{v}: compiled in " + ", ".join(f"{t:.1f} s (cache of {n})" for n, t in r.compile_seconds.items()))
 
 
 def _agree(a: list[int], b: list[int]) -> int:

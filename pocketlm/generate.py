@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+import types
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ import torch
 import pocketlm
 from pocketlm.device import model_device
 from pocketlm.errors import UserError
+from pocketlm.kv_cache import StaticKVCache
 
 # -- settings -------------------------------------------------------------------------------------
 
@@ -205,8 +208,57 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, block_size: int) -> None
         )
 
 
+def compiled_step(model) -> Callable:
+    """step(tokens (B, 1), cache=StaticKVCache) -> (logits, None): `model` compiled as one graph (fullgraph,
+    static shapes), one per model object.
+
+    Eager decoding of a small model on a CPU spends most of each token launching about a thousand small ops
+    from Python; compiled, the elementwise work fuses into a few C++ kernels and the step is one call. The
+    first step of a new (model, batch, cache length) compiles: about 10-40 s on 2 cores (inductor keeps what
+    it built in its on-disk cache, so the next process compiles faster).
+
+    Checking dynamo's guards on every module took about 1 ms a token, so module guards are skipped. That is
+    safe because each model gets a function with a code object of its own (dynamo keeps graphs per code
+    object), so no other model can match this one's graph; the weights are graph inputs, so in-place updates
+    are seen, but replacing a layer of this model afterwards needs a new model object.
+    """
+    entry = model.__dict__.get("_compiled_decode_step")
+    if entry is not None and entry[0]() is model:  # (a deep copy carries its original's entry: not its own)
+        return entry[1]
+
+    def forward(idx: torch.Tensor, cache: StaticKVCache):
+        return model(idx, cache=cache)
+
+    from pocketlm.compress.modules import prepare_kernels
+
+    prepare_kernels(model)
+    own = types.FunctionType(forward.__code__.replace(), forward.__globals__, closure=forward.__closure__)
+    # (inductor's cpp_wrapper took a further ~20% off an int4 token, but compiling its C++ took over 10 minutes
+    # for bf16 and int8 models on 2 cores: not used.)
+    step = torch.compile(own, fullgraph=True, dynamic=False,
+                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    object.__setattr__(model, "_compiled_decode_step", (weakref.ref(model), step))  # not a submodule
+    return step
+
+
+def compile_decode(model, batch_size: int, max_len: int) -> float:
+    """Compile the decode step for (batch_size, cache of max_len) ahead of time, on a throwaway cache, so that
+    timings of the generation after it measure decoding; returns the seconds it took."""
+    started = time.perf_counter()
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            cache = StaticKVCache(model.new_cache(batch_size, max_len))
+            compiled_step(model)(torch.zeros(batch_size, 1, dtype=torch.long, device=device), cache=cache)
+    finally:
+        model.train(was_training)
+    return time.perf_counter() - started
+
+
 def _decode(model, idx: torch.Tensor, settings: SamplingSettings, eos_id: int | None,
-            on_step: StepCallback | None = None) -> torch.Tensor:
+            on_step: StepCallback | None = None, compiled: bool = False) -> torch.Tensor:
     B, T = idx.shape
     n = settings.max_new_tokens
     check_fits(T, n, model.config.block_size)
@@ -229,6 +281,10 @@ def _decode(model, idx: torch.Tensor, settings: SamplingSettings, eos_id: int | 
     if shared:
         cache.reorder(torch.zeros(B, dtype=torch.long, device=device))
         logits = logits.expand(B, -1)
+    # Compiled: every step feeds all B rows at fixed shapes (rows that ended decode on, unread).
+    static = StaticKVCache(cache) if compiled else None
+    step_fn = compiled_step(model) if compiled else model
+    fed = torch.zeros(B, 1, dtype=torch.long, device=device)
 
     step = 0
     penalize = settings.presence_penalty != 0.0 or settings.frequency_penalty != 0.0
@@ -251,20 +307,26 @@ def _decode(model, idx: torch.Tensor, settings: SamplingSettings, eos_id: int | 
             if keep.numel() == 0:
                 break
             rows, tok = rows[keep], tok[keep]
-            cache.reorder(keep)
+            if static is None:
+                cache.reorder(keep)
             if history is not None:
                 history = history[keep]
-        logits = model(tok[:, None], cache=cache)[0][:, -1, :]
+        if static is None:
+            logits = model(tok[:, None], cache=cache)[0][:, -1, :]
+        else:
+            fed[rows, 0] = tok
+            logits = step_fn(fed, cache=static)[0][rows, -1, :]
     return out[:, : step + 1]
 
 
 def generate_tokens(model, idx: torch.Tensor, settings: SamplingSettings, eos_id: int | None,
-                    on_step: StepCallback | None = None) -> torch.Tensor:
+                    on_step: StepCallback | None = None, compiled: bool = False) -> torch.Tensor:
     """New tokens (B, N) after the prompts `idx` (B, T), N <= settings.max_new_tokens.
 
     All rows share the prompt length T (no padding). A row ends at `eos_id` (included in its output);
     the positions after it hold `eos_id`. N is shorter than max_new_tokens when every row ended early.
-    `settings.num_samples` is ignored here: the batch is `idx`.
+    `settings.num_samples` is ignored here: the batch is `idx`. `compiled`: decode steps run as one graph
+    compiled by torch.compile (see compiled_step), the same tokens as the eager loop.
     """
     if idx.dim() != 2 or idx.size(1) == 0:
         raise UserError("generate_tokens needs prompts of shape (batch, length >= 1)")
@@ -273,7 +335,7 @@ def generate_tokens(model, idx: torch.Tensor, settings: SamplingSettings, eos_id
     model.eval()  # dropout off while sampling; the training loop samples mid-run
     try:
         with torch.inference_mode():
-            return _decode(model, idx.to(model_device(model)), settings, eos_id, on_step)
+            return _decode(model, idx.to(model_device(model)), settings, eos_id, on_step, compiled)
     finally:
         model.train(was_training)
 
@@ -361,6 +423,7 @@ class Generation:
     prompt_tokens: int
     seconds: float  # wall time, prefill included
     first_token_seconds: float  # prefill + first sampling step
+    compile_seconds: float = 0.0  # compiling the decode step (compiled=True), before `seconds` started
 
     @property
     def tokens_per_s(self) -> float:
@@ -380,13 +443,14 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def run_generation(model, tokenizer, prompt: str, settings: SamplingSettings,
-                   on_text: Callable[[int, str], None] | None = None) -> Generation:
-    """`generate`, plus token counts and timings."""
+                   on_text: Callable[[int, str], None] | None = None, compiled: bool = False) -> Generation:
+    """`generate`, plus token counts and timings (`compiled`: the decode step is compiled first, untimed)."""
     settings.validate()
     ids = prompt_ids(tokenizer, prompt)
     eos_id = tokenizer.eos_id
     B = settings.num_samples
     check_fits(len(ids), settings.max_new_tokens, model.config.block_size)
+    compile_seconds = compile_decode(model, B, len(ids) + settings.max_new_tokens) if compiled else 0.0
     decoders = [IncrementalDecoder(tokenizer, settings.stop, context=ids[-4:]) for _ in range(B)]
     counts = [0] * B
     started = time.perf_counter()
@@ -408,13 +472,14 @@ def run_generation(model, tokenizer, prompt: str, settings: SamplingSettings,
         return flags
 
     idx = torch.tensor([ids] * B, dtype=torch.long, device=model_device(model))
-    generate_tokens(model, idx, settings, eos_id, on_step)
+    generate_tokens(model, idx, settings, eos_id, on_step, compiled)
     for r, d in enumerate(decoders):
         piece = d.finish()
         if piece and on_text is not None:
             on_text(r, piece)
     seconds = time.perf_counter() - started
-    return Generation([d.text for d in decoders], counts, len(ids), seconds, first[0] if first else seconds)
+    return Generation([d.text for d in decoders], counts, len(ids), seconds, first[0] if first else seconds,
+                      compile_seconds)
 
 
 def generate(model, tokenizer, prompt: str, settings: SamplingSettings | None = None,
@@ -431,14 +496,15 @@ def generate_from_source(source, prompt: str | Callable[[], str] = "", *, adapte
                          max_new_tokens: int = 128, temperature: float = 1.0, top_k: int | None = None,
                          top_p: float | None = None, repetition_penalty: float = 1.0, stop: Sequence[str] = (),
                          num_samples: int = 1, seed: int | None = None, precision: str = "auto",
-                         on_text: Callable[[int, str], None] | None = None, json_out=None,
+                         compile: bool = False, on_text: Callable[[int, str], None] | None = None, json_out=None,
                          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     """`pocketlm generate SOURCE` as a call (`pocketlm.generate(SOURCE, PROMPT, ...)`): load SOURCE (a run
     directory, model folder, built-in base, .gguf or Hub id; `adapter` a LoRA adapter folder or run), sample
     `num_samples` completions of `prompt` and return what `--json` writes: `samples` (the texts after the
     prompt), `new_tokens`, `prompt_tokens`, `seconds`, `tokens_per_s`, `first_token_seconds`, `settings`,
     `device`, `precision`. The arguments are the command's flags; `precision` (auto, fp32, bf16, fp16) is the
-    dtype float weights are held in (auto: bf16 where the hardware runs it natively, else fp32);
+    dtype float weights are held in (auto: bf16 where the hardware runs it natively, else fp32); `compile`
+    compiles the decode step first (see compiled_step; its time is `compile_seconds`, outside `seconds`);
     `on_text(sample, piece)` streams each sample's text.
     `prompt` may be a function returning it, called once the settings are checked (the command reads
     stdin only then).
@@ -462,11 +528,14 @@ def generate_from_source(source, prompt: str | Callable[[], str] = "", *, adapte
     model, tokenizer = load_model(source, adapter=adapter, device=where, precision=precision)
     if not text:
         log("pocketlm generate: no prompt given: sampling unconditionally")
-    result = run_generation(model, tokenizer, text, settings, on_text=on_text)
+    if compile:
+        log("pocketlm generate: compiling the decode step (torch.compile; 10-40 s on a small CPU, once per process)")
+    result = run_generation(model, tokenizer, text, settings, on_text=on_text, compiled=compile)
     record = {"source": str(source), "adapter": str(adapter) if adapter else None, "prompt": text,
               "settings": asdict(settings), "samples": result.texts, "new_tokens": result.new_tokens,
               "prompt_tokens": result.prompt_tokens, "seconds": result.seconds, "tokens_per_s": result.tokens_per_s,
-              "first_token_seconds": result.first_token_seconds, "device": str(where),
+              "first_token_seconds": result.first_token_seconds, "compiled": compile,
+              "compile_seconds": result.compile_seconds, "device": str(where),
               "precision": str(next(model.parameters()).dtype).removeprefix("torch.")}
     if json_out is not None:
         from pocketlm.atomic import atomic_write_json
@@ -477,8 +546,9 @@ def generate_from_source(source, prompt: str | Callable[[], str] = "", *, adapte
 
 __all__ = [
     "Generation", "IncrementalDecoder", "SamplingSettings", "apply_presence_frequency_penalty",
-    "apply_repetition_penalty", "apply_temperature", "check_fits", "draw_tokens", "generate", "generate_from_source", "generate_tokens", "next_tokens",
-    "processed_logits", "prompt_ids", "run_generation",
+    "apply_repetition_penalty", "apply_temperature", "check_fits", "compile_decode", "compiled_step", "draw_tokens",
+    "generate", "generate_from_source", "generate_tokens", "next_tokens", "processed_logits", "prompt_ids",
+    "run_generation",
     "top_k_filter", "top_p_filter",
 ]
 

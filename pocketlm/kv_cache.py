@@ -43,6 +43,30 @@ class KVCache:
         self.v = [t[index] for t in self.v]
 
 
+class StaticKVCache:
+    """A `KVCache` seen with fixed shapes, for a compiled decode step (pocketlm.generate, `compile=True`).
+
+    The position is a tensor and every step writes at it and attends over all `max_len` positions under a
+    mask, so one graph compiled for (batch, 1 token) serves every step: no shape or Python number changes
+    between steps, hence no recompilation. It shares the storage of the KVCache the prompt was prefilled into.
+    """
+
+    def __init__(self, cache: KVCache) -> None:
+        self.k, self.v, self.max_len = cache.k, cache.v, cache.max_len
+        device = cache.k[0].device
+        self.pos = torch.tensor([cache.pos], device=device)  # (1,): the position the next token takes
+        self._positions = torch.arange(cache.max_len, device=device)
+
+    def mask(self) -> torch.Tensor:
+        """(1, max_len): the positions the next token sees (those filled, and its own)."""
+        return (self._positions <= self.pos)[None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.pos, k)
+        self.v[layer].index_copy_(2, self.pos, v)
+        return self.k[layer], self.v[layer]
+
+
 class BatchKVCache:
     """Keys and values of independent sequences of different lengths: the rows of a serving batch.
 

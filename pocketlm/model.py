@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 from pocketlm import ops
 from pocketlm.device import autocast_dtype
 from pocketlm.errors import UserError
-from pocketlm.kv_cache import BatchKVCache, KVCache
+from pocketlm.kv_cache import BatchKVCache, KVCache, StaticKVCache
 from pocketlm.names import FAMILIES
 
 
@@ -200,6 +200,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)
         if isinstance(cache, BatchKVCache):  # rows of different lengths: each sees only its own positions
             mask, causal = cache.step_mask, False
+        elif isinstance(cache, StaticKVCache):  # a compiled decode step: every position, the unfilled masked
+            mask, causal = cache.mask(), False
         elif past == 0:
             mask, causal = None, True
         elif T == 1:
@@ -407,6 +409,8 @@ class GPT(nn.Module):
         batch_cache = isinstance(cache, BatchKVCache)
         if batch_cache and B != cache.rows:
             raise ValueError(f"a BatchKVCache with {cache.rows} rows was given {B} rows of tokens")
+        if isinstance(cache, StaticKVCache):
+            return self._static_step(idx, cache)
         start = cache.pos if isinstance(cache, KVCache) else 0
         end = (max(cache.lengths) if batch_cache else start) + T
         if end > self.config.block_size:
@@ -448,6 +452,24 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-100)
         return (logits if return_logits else None), loss
+
+    def _static_step(self, idx: torch.Tensor, cache: StaticKVCache) -> tuple[torch.Tensor, None]:
+        """forward() for one token per row at `cache.pos`, with shapes that never change (see StaticKVCache):
+        what a decode step compiled once runs. The caller checks that the positions fit (generate.check_fits)."""
+        B, T = idx.shape
+        if T != 1:
+            raise ValueError(f"a StaticKVCache step takes one token per row, got {T}")
+        x = self.transformer.wte(idx)  # (B, 1, n_embd)
+        rope = None
+        if self.config.family == "gpt2":
+            x = x + self.transformer.wpe(cache.pos)
+        else:  # the tables reach max_len (built before compiling: see generate), the row at pos: (1, head_dim)
+            cos, sin = self._rope(0, cache.max_len, idx.device)
+            rope = cos.index_select(0, cache.pos), sin.index_select(0, cache.pos)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, rope, cache, layer)
+        cache.pos.add_(1)
+        return self.lm_head(self.transformer.ln_f(x))[..., : self.config.vocab_size], None
 
     def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """lm_head + cross-entropy through _LMHeadLoss: the same numbers as the plain path, less memory."""

@@ -62,6 +62,9 @@ class _QuantLinear(nn.Module):
         tensor object, same version)."""
         if x.dtype == cdt and not twice:
             return x.reshape(-1, self.in_features)
+        if torch.compiler.is_compiling():  # a compiled graph shares common casts by itself
+            xc = x.reshape(-1, self.in_features).to(cdt)
+            return torch.cat((xc, xc), dim=1) if twice else xc
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         last = _LAST_CAST[0]
         if last is not None and last[0] is x and last[1] == version and last[2] == cdt and last[3] == twice:
@@ -326,3 +329,12 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
     for m in model.modules():
         if isinstance(m, _QuantLinear):
             m.compute_dtype = dtype
+
+
+def prepare_kernels(model: nn.Module) -> None:
+    """Build every quantized layer's kernel layout now (normally built on first use). A compiled decode step
+    must find them built: traced while missing, the repacking would become part of every step."""
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int4Linear)) and m.compute_dtype is not None:
+            if not isinstance(m, Int4Linear) or m.uses_kernel:
+                m._kernel_weights(m.compute_dtype)
