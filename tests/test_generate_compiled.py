@@ -27,9 +27,12 @@ def tiny_llama(seed: int = 2, vocab: int = 512) -> GPT:
     return GPT(cfg).eval()
 
 
-def test_static_cache_step_equals_the_eager_step():
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_static_cache_step_equals_the_eager_step(family):
     """Eagerly (no compiler), the fixed-shape step gives the logits of the ordinary cached step."""
-    model = tiny_llama()
+    torch.manual_seed(5)
+    model = tiny_llama() if family == "llama" else GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=512,
+                                                                  block_size=32)).eval()
     idx = torch.randint(0, 512, (2, 7))
     with torch.inference_mode():
         eager, static_src = model.new_cache(2, 12), model.new_cache(2, 12)
