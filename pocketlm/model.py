@@ -471,7 +471,7 @@ class GPT(nn.Module):
         rope = None
         if self.config.family == "gpt2":
             x = x + self.transformer.wpe(cache.pos)
-        else:  # the tables reach max_len (built before compiling: see generate), the row at pos: (1, head_dim)
+        else:  # tables covering max_len (usually built by the prefill), the row at pos: (1, head_dim)
             cos, sin = self._rope(0, cache.max_len, idx.device)
             rope = cos.index_select(0, cache.pos), sin.index_select(0, cache.pos)
         for layer, block in enumerate(self.transformer.h):
