@@ -253,6 +253,9 @@ def report(args, runners, nbytes, notes, info, rates, prefill, tokens) -> None:
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens; prefill of {args.prefill_tokens} tokens")
     print(f"threads {args.threads}, {os.cpu_count()} CPUs, load average {load:.2f}, repeats {args.repeats}, "
           f"measured read bandwidth {bandwidth:.1f} GB/s")
+    from pocketlm.compress import kernels
+
+    print(f"int8/int4 decoding on {kernels.status()}")
     print()
     print(f"{'variant':<24}{'decode tok/s':>13}{'best':>8}{'prefill tok/s':>15}{'weights MB':>12}{'bound tok/s':>13}"
           f"{'% of bound':>12}{'same tokens':>13}")

@@ -19,3 +19,6 @@ if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null && ! command -v c
     echo "install Chromium (e.g. sudo apt-get install chromium) for the report test" >&2
   fi
 fi
+# pocketlm's int8/int4 decoding kernels, compiled for this CPU now rather than on first use (~10 s); where
+# they cannot be (no AVX-512 VNNI, no g++) this says so and PyTorch's kernels are used.
+.venv/bin/python -m pocketlm.compress.kernels || true

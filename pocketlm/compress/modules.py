@@ -1,5 +1,8 @@
-"""Quantized layers that compute on PyTorch's low-precision CPU kernels, and the swap that installs them.
+"""Quantized layers that compute on low-precision CPU kernels, and the swap that installs them.
 
+Decoding (fewer than DENSE_ROWS rows) runs on pocketlm's own kernels (pocketlm.compress.kernels: int8
+activations times int8 or int4 weights on AVX-512 VNNI) where the CPU has them and the compute dtype is
+bf16, else on PyTorch's:
 - Int8Linear: int8 codes with a bf16 scale per group of 32 inputs, on the int4 kernel below as two nibble
   planes (see the class); folders with one scale per row run on `torch.ops.aten._weight_int8pack_mm`.
 - Int4Linear: `torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/G, N, 2])`
@@ -23,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pocketlm.compress import formats as fm
+from pocketlm.compress import kernels
 from pocketlm.device import autocast_dtype
 
 DEFAULT_COMPUTE = torch.bfloat16
@@ -80,6 +84,11 @@ class _QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def _uses_lowbit(self, x: torch.Tensor, cdt: torch.dtype, group_size: int | None) -> bool:
+        """pocketlm's kernels serve the fast path (bf16 compute); fp32 compute keeps PyTorch's exact one."""
+        return (x.device.type == "cpu" and cdt == torch.bfloat16 and kernels.fits(self.in_features, group_size)
+                and kernels.available())
+
     def _fallback(self, x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
         y = F.linear(x.reshape(-1, self.in_features).to(cdt), self.dequantized_weight(cdt))
         return self._finish(y, x)
@@ -115,6 +124,7 @@ class Int8Linear(_QuantLinear):
         self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
         self.register_buffer("scales", scales.float().contiguous())
         self._kernel: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None
+        self._lowbit: tuple[torch.Tensor, torch.Tensor] | None = None  # kernels.int8_layout, built on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int | None = fm.TABLE_GROUP) -> Int8Linear:
@@ -129,8 +139,21 @@ class Int8Linear(_QuantLinear):
         return fm.dequantize_int8(self.qweight, self.scales, dtype)
 
     def _apply(self, fn, recurse=True):
-        self._kernel = None  # a device or dtype move invalidates the kernel's copies
+        self._kernel = self._lowbit = None  # a device or dtype move invalidates the kernel's copies
         return super()._apply(fn, recurse)
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Build the layout that decoding inputs like x will use (see prepare_kernels)."""
+        cdt = self._cdt(x)
+        if self._uses_lowbit(x, cdt, self.group_size):
+            self._lowbit_weights()
+        elif cdt is not None:
+            self._kernel_weights(cdt)
+
+    def _lowbit_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._lowbit is None:
+            self._lowbit = kernels.int8_layout(self.qweight, self.scales)
+        return self._lowbit
 
     def _kernel_weights(self, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: (codes, scales in cdt). Grouped: the int4 kernel's layout of [hi | lo] and its scales."""
@@ -169,6 +192,11 @@ class Int8Linear(_QuantLinear):
             if self.exact_top and x.dtype != cdt:
                 y = self._refine(y.to(x.dtype), x.reshape(-1, self.in_features))
             return self._finish(y, x)
+        if self._uses_lowbit(x, cdt, self.group_size):
+            x2 = x.reshape(-1, self.in_features).float()
+            y = torch.ops.pocketlm_lowbit.int8_mm(x2, *self._lowbit_weights(), self.out_features)
+            # Its activations were rounded to int8: the head's top candidates are recomputed from x itself.
+            return self._finish(self._refine(y, x2) if self.exact_top else y, x)
         w, scales = self._kernel_weights(cdt)
         if self.group_size is None:
             y = torch.ops.aten._weight_int8pack_mm(self._cast_input(x, cdt), w, scales)
@@ -211,8 +239,9 @@ class Int4Linear(_QuantLinear):
         self.register_buffer("qweight", packed.to(torch.uint8).contiguous())  # [N, K/2], see formats.pack_int4
         self.register_buffer("scales", scales.float().contiguous())  # [N, K/G]
         self.register_buffer("zeros", zeros.float().contiguous() if zeros is not None else None)
-        # The kernel's own layout, built on first use on a CPU (not saved).
+        # The kernels' own layouts, built on first use on a CPU (not saved).
         self._kernel: tuple[torch.Tensor, torch.Tensor, torch.dtype] | None = None
+        self._lowbit: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, scheme: str) -> Int4Linear:
@@ -234,8 +263,21 @@ class Int4Linear(_QuantLinear):
         return self.out_features % 16 == 0 and self.in_features % self.group_size == 0
 
     def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the kernel layout
-        self._kernel = None
+        self._kernel = self._lowbit = None
         return super()._apply(fn, recurse)
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Build the layout that decoding inputs like x will use (see prepare_kernels)."""
+        cdt = self._cdt(x)
+        if self._uses_lowbit(x, cdt, self.group_size):
+            self._lowbit_weights()
+        elif cdt is not None and self.uses_kernel:
+            self._kernel_weights(cdt)
+
+    def _lowbit_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self._lowbit is None:
+            self._lowbit = kernels.int4_layout(fm.unpack_int4(self.qweight), self.scales, self.zeros)
+        return self._lowbit
 
     def _kernel_weights(self, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._kernel is None or self._kernel[2] != cdt:
@@ -248,7 +290,15 @@ class Int4Linear(_QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cdt = self._cdt(x)
-        if x.device.type != "cpu" or x.requires_grad or not self.uses_kernel:
+        if x.device.type != "cpu" or x.requires_grad:
+            return self._fallback(x, cdt)
+        if x.numel() >= DENSE_ROWS * self.in_features:  # prefill, scoring: compute-bound, see DENSE_ROWS
+            return self._fallback(x, cdt)
+        if self._uses_lowbit(x, cdt, self.group_size):
+            y = torch.ops.pocketlm_lowbit.int4_mm(x.reshape(-1, self.in_features).float(), *self._lowbit_weights(),
+                                                  self.out_features)
+            return self._finish(y, x)
+        if not self.uses_kernel:
             return self._fallback(x, cdt)
         packed, sz = self._kernel_weights(cdt)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._cast_input(x, cdt), packed, self.group_size, sz)
@@ -334,7 +384,8 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
 def prepare_kernels(model: nn.Module) -> None:
     """Build every quantized layer's kernel layout now (normally built on first use). A compiled decode step
     must find them built: traced while missing, the repacking would become part of every step."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    x = torch.zeros((), dtype=p.dtype if p is not None else torch.float32, device=p.device if p is not None else None)
     for m in model.modules():
-        if isinstance(m, (Int8Linear, Int4Linear)) and m.compute_dtype is not None:
-            if not isinstance(m, Int4Linear) or m.uses_kernel:
-                m._kernel_weights(m.compute_dtype)
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            m.prepare(x)  # an input like the residual stream's
