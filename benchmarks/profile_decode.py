@@ -2,6 +2,7 @@
 
     python benchmarks/profile_decode.py models/smol-int4 [models/smol-int8 ...] [--tokens 48] [--threads N]
     python benchmarks/profile_decode.py --config smollm2-135m --layers 4 --formats fp32,int8,int4   # no weights needed
+    python benchmarks/profile_decode.py models/smol-int4 --compile      # the compiled step (generate --compile)
 
 Prints, per model: wall ms/token while profiled, the matmul kernels' share (int8/int4 weight-only kernels and
 float matmuls), the output head's top-k refinement, and the eight most expensive ops per token. The rest is
@@ -18,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 KERNELS = ("aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::mm", "aten::addmm",
-           "aten::bmm", "aten::linear")
+           "aten::bmm", "aten::linear", "pocketlm_lowbit::int8_mm", "pocketlm_lowbit::int4_mm")
 
 
 def models(args) -> list[tuple[str, torch.nn.Module]]:
@@ -49,6 +50,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="profile the compiled decode step (generate --compile)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,10 +59,10 @@ def main() -> None:
     settings = SamplingSettings(max_new_tokens=args.tokens, temperature=0)
     for name, m in models(args):
         idx = torch.randint(0, m.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-        generate_tokens(m, idx, settings, eos_id=None)  # warm-up
+        generate_tokens(m, idx, settings, eos_id=None, compiled=args.compile)  # warm-up (and the compile)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t = time.perf_counter()
-            generate_tokens(m, idx, settings, eos_id=None)
+            generate_tokens(m, idx, settings, eos_id=None, compiled=args.compile)
             wall = time.perf_counter() - t
         ev = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
         n = args.tokens

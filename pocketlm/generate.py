@@ -235,8 +235,12 @@ def compiled_step(model) -> Callable:
     own = types.FunctionType(forward.__code__.replace(), forward.__globals__, closure=forward.__closure__)
     # (inductor's cpp_wrapper took a further ~20% off an int4 token, but compiling its C++ took over 10 minutes
     # for bf16 and int8 models on 2 cores: not used.)
+    # Inductor's own kernels (norms, rotary embeddings, residual adds) run on one thread: on a decode step's few
+    # rows, starting an OpenMP team for the largest of them cost more than it saved (int4 smollm2, 2 cores:
+    # about 7% more tokens/s, pairs of runs in one process). Matmuls and attention keep every thread.
     step = torch.compile(own, fullgraph=True, dynamic=False,
-                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                                  "cpp.threads": 1})
     object.__setattr__(model, "_compiled_decode_step", (weakref.ref(model), step))  # not a submodule
     return step
 

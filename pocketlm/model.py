@@ -212,12 +212,30 @@ class CausalSelfAttention(nn.Module):
         dropout = cfg.dropout if self.training else 0.0
         if mask is None and causal and dropout == 0.0:  # training and prefill: the lean op (pocketlm.ops)
             y = ops.attention(q, k, v, causal=True)
+        elif isinstance(cache, StaticKVCache):
+            y = _one_token_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
                                                enable_gqa=cfg.kv_heads != cfg.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, cfg.n_head * cfg.head_dim)
         out = self.c_proj(y) if cfg.family == "gpt2" else self.o_proj(y)
         return self.resid_dropout(out)
+
+
+def _one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row over a StaticKVCache, written as reductions and a softmax that a
+    compiled step fuses into its own kernels: q (B, H, 1, D), k and v (B, Hkv, L, D), mask (1, L) bool ->
+    (B, H, 1, D), computed in fp32. The q heads sharing a kv head are stacked, so k and v are read once (no GQA
+    copies). Against SDPA's flash kernel: an int4 smollm2 token 8% faster on 2 cores (pairs of runs in one
+    process), the same greedy tokens."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D)  # (B, Hkv, rep, D): the heads of a group are consecutive
+    # (B, Hkv, rep, 1, D) * (B, Hkv, 1, L, D) summed over D: a reduction inductor fuses, where a bmm this
+    # small is an external call that costs more than its arithmetic.
+    scores = (qg[:, :, :, None, :].float() * k[:, :, None].float()).sum(-1) * D**-0.5  # (B, Hkv, rep, L)
+    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (p[..., None] * v[:, :, None].float()).sum(-2).to(v.dtype).reshape(B, H, 1, D)
 
 
 class MLP(nn.Module):

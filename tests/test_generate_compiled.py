@@ -11,6 +11,7 @@ import torch
 
 from pocketlm.cli import main
 from pocketlm.compress import formats as fm
+from pocketlm.compress import kernels
 from pocketlm.compress.convert import quantize_model
 from pocketlm.generate import SamplingSettings, compiled_step, generate_tokens
 from pocketlm.kv_cache import StaticKVCache
@@ -52,7 +53,12 @@ def test_compiled_decoding_gives_the_eager_tokens(fmt):
     model = tiny_llama()
     quantize_model(model, fm.QuantSpec(fmt), progress=False)
     compiled_step(model)  # kernel layouts are built before tracing, else every step would repack them
-    assert all(m._kernel is not None or m._lowbit is not None for m in model.modules() if hasattr(m, "_lowbit"))
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "_lowbit")}
+    if kernels.available():  # q/k/v and gate/up on stacked layouts (kept on q and gate), the others their own
+        assert sum(m._stacked is not None for m in layers.values()) == 4
+    shared = ("k_proj", "v_proj", "up_proj") if kernels.available() else ()
+    assert all(m._kernel is not None or m._lowbit is not None or m._stacked is not None
+               for n, m in layers.items() if not n.endswith(shared))
     idx = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
     eager = generate_tokens(model, idx, GREEDY, eos_id=None)
     compiled = generate_tokens(model, idx, GREEDY, eos_id=None, compiled=True)

@@ -97,3 +97,33 @@ def test_layouts_pad_rows_to_blocks_of_16():
     assert p.shape == (1, 2, 4, 16, 4)
     assert torch.equal(p[0, 1, 2, 5] & 15, codes[5, 32 + 8:32 + 12])  # group 1, chunk 2, row 5: low nibbles
     assert torch.equal(p[0, 1, 2, 5] >> 4, codes[5, 32 + 24:32 + 28])  # ... and the second half's columns
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_projections_decode_together_as_they_would_alone(fmt):
+    from pocketlm.compress.convert import quantize_model
+    from pocketlm.compress.modules import decode_together
+    from pocketlm.model import GPT, ModelConfig
+
+    torch.manual_seed(3)
+    cfg = ModelConfig(name="llama-test", family="llama", vocab_size=512, block_size=32, n_layer=1, n_head=4,
+                      n_kv_head=2, n_embd=64, intermediate_size=96, bias=False, tie_embeddings=True,
+                      tokenizer="gpt2")
+    model = GPT(cfg).eval()
+    quantize_model(model, fm.QuantSpec(fmt), progress=False)
+    attn, mlp = model.transformer.h[0].attn, model.transformer.h[0].mlp
+    assert attn.project_together is decode_together and mlp.project_together is decode_together
+    x = torch.randn(1, 2, 64)
+    for layers in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+        together = decode_together(x, layers)
+        alone = [m(x) for m in layers]
+        assert layers[0]._stacked is not None  # one kernel call on the stacked layout
+        for a, b in zip(together, alone):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert decode_together(torch.randn(1, 40, 64), layers) is None  # a prefill: each layer alone
+    idx = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hooked = model(idx)[0]
+        attn.project_together = mlp.project_together = None
+        torch.testing.assert_close(model(idx)[0], hooked)

@@ -21,6 +21,7 @@ from pocketlm.compress.modules import (
     Int8Embedding,
     Int8Linear,
     mark_head,
+    stack_projections,
 )
 from pocketlm.errors import UserError
 from pocketlm.quant import NF4Linear
@@ -97,6 +98,7 @@ def quantize_model(model: nn.Module, spec: fm.QuantSpec, progress: bool = True) 
     if "lm_head" in layers and not tied:
         model.lm_head = Int8Linear.from_linear(model.lm_head, fm.table_group(model.lm_head.in_features))
     mark_head(model)
+    stack_projections(model)
     return {**spec.to_dict(), "layers": layers, "tied_head": tied}
 
 

@@ -27,7 +27,14 @@ from safetensors.torch import load_file, save_file
 
 from pocketlm.atomic import AtomicDir
 from pocketlm.compress import formats as fm
-from pocketlm.compress.modules import FP8Linear, Int4Linear, Int8Embedding, Int8Linear, mark_head
+from pocketlm.compress.modules import (
+    FP8Linear,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    mark_head,
+    stack_projections,
+)
 from pocketlm.errors import UserError
 from pocketlm.io import hf
 from pocketlm.model import GPT
@@ -177,6 +184,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu",
                         " (the folder is damaged; quantize again)")
     model._rope_cache = None
     mark_head(model)
+    stack_projections(model)
     model.eval()
     return model.to(device=device, dtype=dtype or torch.float32), tokenizer
 
