@@ -90,6 +90,16 @@ class _QuantLinear(nn.Module):
         return (x.device.type == "cpu" and cdt == torch.bfloat16 and kernels.fits(self.in_features, group_size)
                 and kernels.available())
 
+    uses_kernel = True  # whether PyTorch's kernel takes this layer's shape (Int4Linear: not always)
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Build the kernel layout that decoding inputs like x will use (see prepare_kernels)."""
+        cdt = self._cdt(x)
+        if self._uses_lowbit(x, cdt, self.group_size):
+            self._lowbit_weights()
+        elif self.uses_kernel:
+            self._kernel_weights(cdt)
+
     def _fallback(self, x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
         y = F.linear(x.reshape(-1, self.in_features).to(cdt), self.dequantized_weight(cdt))
         return self._finish(y, x)
@@ -142,14 +152,6 @@ class Int8Linear(_QuantLinear):
     def _apply(self, fn, recurse=True):
         self._kernel = self._lowbit = self._stacked = None  # a device or dtype move invalidates the kernel's copies
         return super()._apply(fn, recurse)
-
-    def prepare(self, x: torch.Tensor) -> None:
-        """Build the layout that decoding inputs like x will use (see prepare_kernels)."""
-        cdt = self._cdt(x)
-        if self._uses_lowbit(x, cdt, self.group_size):
-            self._lowbit_weights()
-        elif cdt is not None:
-            self._kernel_weights(cdt)
 
     def _lowbit_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._lowbit is None:
@@ -267,14 +269,6 @@ class Int4Linear(_QuantLinear):
         self._kernel = self._lowbit = self._stacked = None
         return super()._apply(fn, recurse)
 
-    def prepare(self, x: torch.Tensor) -> None:
-        """Build the layout that decoding inputs like x will use (see prepare_kernels)."""
-        cdt = self._cdt(x)
-        if self._uses_lowbit(x, cdt, self.group_size):
-            self._lowbit_weights()
-        elif cdt is not None and self.uses_kernel:
-            self._kernel_weights(cdt)
-
     def _lowbit_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self._lowbit is None:
             self._lowbit = kernels.int4_layout(fm.unpack_int4(self.qweight), self.scales, self.zeros)
@@ -291,9 +285,8 @@ class Int4Linear(_QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cdt = self._cdt(x)
-        if x.device.type != "cpu" or x.requires_grad:
-            return self._fallback(x, cdt)
-        if x.numel() >= DENSE_ROWS * self.in_features:  # prefill, scoring: compute-bound, see DENSE_ROWS
+        # Other devices, training, and prefills or scoring (compute-bound, see DENSE_ROWS): a dense matmul.
+        if x.device.type != "cpu" or x.requires_grad or x.numel() >= DENSE_ROWS * self.in_features:
             return self._fallback(x, cdt)
         if self._uses_lowbit(x, cdt, self.group_size):
             y = torch.ops.pocketlm_lowbit.int4_mm(x.reshape(-1, self.in_features).float(), *self._lowbit_weights(),
