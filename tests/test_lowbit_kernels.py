@@ -127,3 +127,11 @@ def test_projections_decode_together_as_they_would_alone(fmt):
         hooked = model(idx)[0]
         attn.project_together = mlp.project_together = None
         torch.testing.assert_close(model(idx)[0], hooked)
+
+
+def test_a_cache_that_cannot_be_written_falls_back_to_pytorchs_kernels(monkeypatch, tmp_path):
+    monkeypatch.setenv("POCKETLM_KERNEL_CACHE", str(tmp_path / "a-file" / "kernels"))
+    (tmp_path / "a-file").write_text("not a folder")
+    ok, why = kernels._load()
+    assert not ok and ("build failed" in why or "lacks" in why or "no " in why or "off" in why), why
+    assert not list(tmp_path.rglob("*.so"))

@@ -75,14 +75,16 @@ def _load() -> tuple[bool, str]:
                          + cxx.encode()).hexdigest()[:16]
     target = _cache_dir() / key / "lowbit.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
+        tmp = None
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
             _compile(Path(tmp))
             os.replace(tmp, target)  # a build killed halfway never leaves a library that looks built
-        except (RuntimeError, OSError) as e:
-            Path(tmp).unlink(missing_ok=True)
+        except (RuntimeError, OSError) as e:  # a compiler error, an unwritable cache: PyTorch's kernels
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
             return False, f"build failed: {e}"
     torch.ops.load_library(str(target))
 
