@@ -237,7 +237,7 @@ def compiled_step(model) -> Callable:
     # for bf16 and int8 models on 2 cores: not used.)
     # Inductor's own kernels (norms, rotary embeddings, residual adds) run on one thread: on a decode step's few
     # rows, starting an OpenMP team for the largest of them cost more than it saved (int4 smollm2, 2 cores:
-    # about 7% more tokens/s, pairs of runs in one process). Matmuls and attention keep every thread.
+    # about 7% more tokens/s, pairs of runs in one process). The matmuls (external ops) keep every thread.
     step = torch.compile(own, fullgraph=True, dynamic=False,
                          options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
                                   "cpp.threads": 1})
