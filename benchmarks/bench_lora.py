@@ -7,6 +7,8 @@ Variants (each in its own subprocess, so its peak RSS / GPU peak belongs to it a
   pocketlm-lora-ac  the same LoRA with activation checkpointing (each block recomputed in backward)
   pocketlm-lora-shared  the same LoRA with q/k/v and gate/up each run as one matmul
                   (lora.SHARE_INPUT_MATMULS on; off by default: slower on the CPU it was measured on)
+  pocketlm-lora-compiled  the same LoRA with --compile-blocks (each block's training forward compiled;
+                  the warm-up step pays the compile, its time printed as the first step)
   pocketlm-qlora  method="qlora": every block linear in NF4, adapters in fp32
   pocketlm-full   full fine-tune of the same model (for the memory comparison)
 
@@ -39,7 +41,8 @@ from ceiling import linear_weights, measured_ceilings, step_flops_per_token  # b
 from pocketlm.memory import find_tcmalloc
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("pocketlm-lora", "hf-peft", "pocketlm-lora-ac", "pocketlm-qlora", "pocketlm-full", "pocketlm-lora-shared")
+VARIANTS = ("pocketlm-lora", "hf-peft", "pocketlm-lora-ac", "pocketlm-qlora", "pocketlm-full", "pocketlm-lora-shared",
+            "pocketlm-lora-compiled")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -144,7 +147,8 @@ def print_table(results: list[dict], tokens_per_step: int, weights: int, ceiling
           "\nCPU seconds per step, steadier than wall time when other processes share the cores.")
     pairs = [("pocketlm-lora", "hf-peft"), ("pocketlm-lora-ac", "hf-peft"), ("pocketlm-qlora", "hf-peft"),
              ("pocketlm-qlora", "pocketlm-lora"), ("pocketlm-lora", "pocketlm-full"),
-             ("pocketlm-lora-shared", "pocketlm-lora")]
+             ("pocketlm-lora-shared", "pocketlm-lora"), ("pocketlm-lora-compiled", "hf-peft"),
+             ("pocketlm-lora-compiled", "pocketlm-lora")]
     for prec in PRECISIONS:
         for a, b in pairs:
             if (a, prec) in ok and (b, prec) in ok:
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         for precision in args.precisions:
             for variant in args.variants:  # variants alternate innermost: load changes hit all alike
                 r = run_variant(workdir, variant, precision, args)
-                note = r["error"] if "error" in r else f"{r['median_step_s']:.2f} s/step"
+                note = r["error"] if "error" in r else f"{r['median_step_s']:.2f} s/step, first step {r['step_s'][0]:.1f} s"
                 print(f"  {variant} {precision}: {note}", flush=True)
                 results.append(r)
     print_table(results, args.batch * args.context, args.linear_weights, ceilings)
@@ -273,7 +277,8 @@ def worker(args: argparse.Namespace) -> None:
         trainer = trainer_on_windows(
             model, tokenizer, batches["train"], val_windows=batches["val"], lr=args.lr, steps=len(batches["train"]),
             out=workdir / f"run-{args.worker}-{args.precision}", device=args.device, precision=args.precision,
-            weight_decay=0.0, activation_checkpointing=args.worker == "pocketlm-lora-ac")
+            weight_decay=0.0, activation_checkpointing=args.worker == "pocketlm-lora-ac",
+            compile_blocks=args.worker == "pocketlm-lora-compiled")
     else:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM

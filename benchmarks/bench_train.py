@@ -37,7 +37,7 @@ from ceiling import linear_weights, measured_ceilings, step_flops_per_token  # b
 from pocketlm.memory import find_tcmalloc
 
 REPO = Path(__file__).resolve().parents[1]
-SIDES = ("pocketlm", "hf")
+SIDES = ("pocketlm", "hf", "pocketlm-compiled")  # the last: --compile-blocks (not run unless named)
 PRECISIONS = ("fp32", "bf16")
 ALLOCATORS = ("glibc", "glibc-tuned", "tcmalloc")
 
@@ -148,6 +148,8 @@ def print_table(results: list[dict], tokens_per_step: int, weights: int, ceiling
     for alloc in allocators:
         for prec in PRECISIONS:
             compare(f"pocketlm/hf {prec} [{alloc}]", ("pocketlm", prec, alloc), ("hf", prec, alloc), loss=True)
+            compare(f"pocketlm-compiled/hf {prec} [{alloc}]", ("pocketlm-compiled", prec, alloc), ("hf", prec, alloc),
+                    loss=True)
     for alloc in allocators:
         for side in SIDES:
             compare(f"bf16/fp32 {side} [{alloc}]", (side, "bf16", alloc), (side, "fp32", alloc), loss=True)
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's choice)")
     p.add_argument("--data", choices=("tinyshakespeare", "random"), default="tinyshakespeare")
-    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=["pocketlm", "hf"])
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     p.add_argument("--allocators", nargs="+", choices=ALLOCATORS, default=list(ALLOCATORS))
     p.add_argument("--rounds", type=int, default=1, help="run every variant this many times, interleaved")
@@ -237,14 +239,14 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     windows = load_file(str(workdir / "batches.safetensors"))["windows"]
     n_steps = args.warmup + args.steps
-    if args.worker == "pocketlm":
+    if args.worker.startswith("pocketlm"):
         # pocketlm's side is the Trainer users run: its step() (autocast, clip, AdamW), nothing rebuilt here.
         from pocketlm.io.folders import load_model_folder
 
         model, tokenizer = load_model_folder(workdir / "model")
         trainer = trainer_on_windows(model, tokenizer, windows[:n_steps], lr=args.lr, steps=n_steps,
                                      out=workdir / f"run-{args.precision}-{args.allocator}", device="cpu",
-                                     precision=args.precision)
+                                     precision=args.precision, compile_blocks=args.worker == "pocketlm-compiled")
 
         def train_step(i: int) -> float:
             return trainer.step()["train_loss"]

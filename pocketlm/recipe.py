@@ -60,6 +60,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 where the hardware runs it natively)
     compile: bool = False
+    compile_blocks: bool = False  # torch.compile each block's training forward only (GPT.compile_blocks)
     activation_checkpointing: bool = False  # recompute each block in backward: far less memory, ~1/3 more compute
     max_memory: str | None = None  # e.g. "2GB": recompute the fewest blocks whose estimated peak fits (pocketlm.recompute)
     max_steps: int = 1000
@@ -122,6 +123,8 @@ class TrainConfig:
             raise UserError(f"context must be positive, got {self.context}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise UserError(f"dropout must be within [0, 1), got {self.dropout}")
+        if self.compile and self.compile_blocks:
+            raise UserError("--compile compiles the whole model and --compile-blocks each block: choose one")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.method not in TRAIN_METHODS:
@@ -293,6 +296,8 @@ _FLAGS: list[tuple[str, type, str, str | None]] = [
 ]
 _SWITCHES: list[tuple[str, str]] = [
     ("compile", "torch.compile the model (for GPUs; slow to compile on a CPU)"),
+    ("compile_blocks", "torch.compile each transformer block for training steps only (evaluation and sampling "
+     "stay eager): on a CPU about 30 s once, then about 1.16x faster LoRA steps; pays after ~75 steps"),
     ("activation_checkpointing", "keep only each block's input and recompute the block in backward: much less "
      "memory for about a third more compute"),
     ("fsdp", "shard parameters with FSDP2 (under torchrun)"),

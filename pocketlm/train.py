@@ -272,6 +272,8 @@ class Trainer:
         if cfg.max_memory and not cfg.activation_checkpointing:  # the least recomputation that fits
             longest = max([int(c) for _, c in cfg.context_schedule or []] + [cfg.context_at(0, self.model_context)])
             apply_memory_budget(model, cfg, self.device, self.precision, longest)
+        if cfg.compile_blocks:
+            model.compile_blocks()
         model.train()
 
     def _resume(self, latest: Path | None) -> dict | None:

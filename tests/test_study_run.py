@@ -23,7 +23,7 @@ data:
   source: {corpus}
 base:
   max_steps: 12
-  batch_tokens: 2048
+  batch_tokens: 1024  # two micro-batches: accumulation is resumed too
   micro_batch: 8
   context: 64
   eval_every: 4

@@ -266,3 +266,43 @@ def test_lr_search_at_the_edge_of_its_grid_says_so():
     assert grid_edge(1e-3, [1e-3, 3e-3, 1e-4]) is None and grid_edge(1e-3, [1e-3]) is None
     advice = edge_advice(3e-3, [1e-4, 1e-3, 3e-3], "largest")
     assert "largest" in advice and "--lr-search 0.0001,0.001,0.003,0.009" in advice
+
+
+def test_compiled_blocks_train_as_the_eager_blocks_with_one_graph_for_all(tmp_path):
+    """--compile-blocks: the same losses and adapter weights as eager, graphs shared by the blocks, and
+    evaluation runs the eager blocks (no graph of its own)."""
+    from torch._dynamo.utils import counters
+
+    from pocketlm import lora
+
+    tok = load_tokenizer("smollm2")
+    config = ModelConfig(name="tiny-llama", family="llama", n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
+                         intermediate_size=64, block_size=64, vocab_size=tok.vocab_size, bias=False,
+                         tokenizer="smollm2")
+    windows = torch.randint(0, tok.vocab_size, (3, 2, 17), generator=torch.Generator().manual_seed(0))
+
+    def trainer(out: Path, **settings) -> Trainer:
+        torch.manual_seed(0)
+        model = GPT(config)
+        lora.prepare_model(model, "lora", 4, 8, 0.0, "all-linear")
+        return trainer_on_windows(model, tok, windows, val_windows=windows[:1], out=out, lr=1e-2, steps=3,
+                                  device="cpu", precision="fp32", **settings)
+
+    eager = trainer(tmp_path / "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = trainer(tmp_path / "compiled", compile_blocks=True)
+    assert [compiled.step()["train_loss"] for _ in range(3)] == pytest.approx(
+        [eager.step()["train_loss"] for _ in range(3)], rel=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2  # not one per block: the first block's input needs no grad (frozen embedding), the rest do
+    trained = dict(compiled.model.named_parameters())
+    for name, p in eager.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(trained[name], p, rtol=1e-4, atol=1e-5)
+    assert compiled.evaluate()["val_loss"] == pytest.approx(eager.evaluate()["val_loss"], rel=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs
+    for t in (eager, compiled):
+        t.cleanup()
+    with pytest.raises(UserError, match="choose one"):
+        TrainConfig(compile=True, compile_blocks=True).validate(require_data=False)
