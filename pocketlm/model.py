@@ -411,10 +411,11 @@ class GPT(nn.Module):
         return model
 
     def compile_blocks(self) -> None:
-        """torch.compile each block for training steps (`--compile-blocks`): one graph with fixed shapes, reused
-        by every block, fusing the norms, activations and casts between the matmuls. Only the training forward
-        runs them; evaluation, sampling and recomputed blocks keep the eager blocks, so their other shapes
-        never recompile. On 2 CPU cores: ~30 s once, then ~1.16x faster LoRA steps (benchmarks/bench_compile.py)."""
+        """torch.compile each block for training steps (`--compile-blocks`): graphs with fixed shapes shared by
+        the blocks, fusing the norms, activations and casts between the matmuls. Only the training forward runs
+        them; evaluation, sampling and recomputed blocks keep the eager blocks, so their other shapes never
+        recompile. Machine-dependent on 2 CPU cores: 30-50 s once, then 1.13-1.16x faster LoRA steps or no gain
+        (bf16 where the bf16 matmuls dominate), with 16-20% more peak memory (benchmarks/bench_lora.py)."""
         self.compiled_blocks = [torch.compile(block, dynamic=False) for block in self.transformer.h]
 
     def num_parameters(self, trainable_only: bool = False) -> int:

@@ -297,7 +297,8 @@ _FLAGS: list[tuple[str, type, str, str | None]] = [
 _SWITCHES: list[tuple[str, str]] = [
     ("compile", "torch.compile the model (for GPUs; slow to compile on a CPU)"),
     ("compile_blocks", "torch.compile each transformer block for training steps only (evaluation and sampling "
-     "stay eager): on a CPU about 30 s once, then about 1.16x faster LoRA steps; pays after ~75 steps"),
+     "stay eager): on a CPU 30-50 s once, then up to ~1.15x faster steps on some machines, none on others, "
+     "with more memory: measure it on a long run"),
     ("activation_checkpointing", "keep only each block's input and recompute the block in backward: much less "
      "memory for about a third more compute"),
     ("fsdp", "shard parameters with FSDP2 (under torchrun)"),
