@@ -1,13 +1,16 @@
 """Evaluation throughput (forward only): pocketlm's scorer vs transformers, on the same weights.
 
-    python benchmarks/bench_eval.py [--model smollm2-135m|FOLDER|random] [--context 512] [--batch 4]
-                                    [--batches 3] [--repeats 3] [--device cpu|cuda] [--dtype fp32|bf16]
+    python benchmarks/bench_eval.py [--model smollm2-135m|FOLDER|random] [--context 512] [--stride N]
+                                    [--batch 4] [--batches 3] [--repeats 3] [--device cpu|cuda]
+                                    [--dtype fp32|bf16]
 
-Scores one stream of random token ids in disjoint windows of --context tokens (stride = context),
---batch windows per forward pass: pocketlm with `pocketlm.eval.likelihood.score_tokens` (forward +
-per-token cross-entropy), transformers with LlamaForCausalLM / GPT2LMHeadModel on the same windows
-(forward + the same cross-entropy). Runs alternate so both see the same machine load. Prints tokens/s
-(median and best), the ratio, and the largest difference of the per-token losses.
+Scores one stream of random token ids in windows of --context tokens that advance by --stride (default:
+the context, disjoint windows; `pocketlm eval` defaults to half the context), --batch windows per
+forward pass: pocketlm with `pocketlm.eval.likelihood.score_tokens` (what `pocketlm eval` runs),
+transformers with LlamaForCausalLM / GPT2LMHeadModel on the same windows, each window's context-only
+targets set to -100, and the per-token cross-entropy as transformers computes its own loss (fp32
+logits, flattened). Runs alternate so both see the same machine load. Prints tokens/s (median and
+best), the ratio, and the largest difference of the per-token losses.
 
 --model random (the default when smollm2-135m cannot be loaded) builds a randomly initialised
 SmolLM2-135M-shaped Llama (seeded): the speed is the same as with the real weights.
@@ -46,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="base name, model folder, or `random`")
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=None, help="window advance (default: the context)")
     parser.add_argument("--batch", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--batches", type=int, default=3, help="forward passes per timed run")
     parser.add_argument("--repeats", type=int, default=3)
@@ -56,7 +60,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from pocketlm.eval.likelihood import score_tokens
+    from pocketlm.eval.likelihood import score_tokens, sliding_windows
     from pocketlm.io import save_model
 
     if args.threads:
@@ -71,9 +75,11 @@ def main() -> None:
     theirs.to(device=device, dtype=dtype)
 
     L, B = args.context, args.batch
-    n_tokens = L * B * args.batches
+    stride = args.stride or L
+    n_tokens = L + stride * (B * args.batches - 1)  # targets in B * batches windows
     g = torch.Generator().manual_seed(0)
     stream = torch.randint(0, ours.config.vocab_size, (n_tokens + 1,), generator=g)
+    windows = sliding_windows(n_tokens, L, stride)
     results: dict[str, torch.Tensor] = {}
 
     def sync() -> None:
@@ -82,19 +88,25 @@ def main() -> None:
 
     def run_ours() -> None:
         # prefix=None: the stream's first token is context only, so n_tokens targets in n_tokens / L windows
-        nll, _ = score_tokens(ours, stream, context=L, stride=L, batch_size=B, precision="fp32")
+        nll, _ = score_tokens(ours, stream, context=L, stride=stride, batch_size=B, precision="fp32")
         results["pocketlm"] = nll
         sync()
 
     def run_theirs() -> None:
-        out = []
+        nll = torch.empty(n_tokens, dtype=torch.float64)
         with torch.inference_mode():
-            for start in range(0, n_tokens, L * B):
-                x = torch.stack([stream[s:s + L] for s in range(start, start + L * B, L)]).to(device)
-                y = torch.stack([stream[s + 1:s + L + 1] for s in range(start, start + L * B, L)]).to(device)
+            for first in range(0, len(windows), B):
+                group = windows[first:first + B]
+                x = torch.stack([stream[b:e] for b, e, _ in group]).to(device)
+                y = torch.stack([stream[b + 1:e + 1] for b, e, _ in group])
+                for row, (b, e, n) in enumerate(group):
+                    y[row, : e - b - n] = -100
                 logits = theirs(input_ids=x).logits
-                out.append(F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").flatten())
-        results["transformers"] = torch.cat(out).double().cpu()
+                losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten().to(device), reduction="none")
+                losses = losses.view(y.shape).double().cpu()
+                for row, (_, e, n) in enumerate(group):
+                    nll[e - n:e] = losses[row, -n:]
+        results["transformers"] = nll
         sync()
 
     times: dict[str, list[float]] = {"pocketlm": [], "transformers": []}
@@ -107,7 +119,7 @@ def main() -> None:
 
     diff = (results["pocketlm"] - results["transformers"]).abs().max().item()
     print(f"model: {label}, {ours.num_parameters() / 1e6:.1f}M parameters; device {device}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads; context {L}, batch {B}, {n_tokens} tokens per run")
+          f"{torch.get_num_threads()} threads; context {L}, stride {stride}, batch {B}, {n_tokens} tokens per run")
     print(f"{'':14}{'median tok/s':>14}{'best tok/s':>14}")
     rate = {}
     for name, ts in times.items():

@@ -145,3 +145,81 @@ def test_split_made_with_another_tokenizer_is_refused(tiny_data, tmp_path, tok):
         evaluate_split(small_gpt(), tok, other, "val", context=32, max_tokens=50)
     with pytest.raises(UserError, match="split 'test'|no split 'test'"):
         evaluate_split(small_gpt(), tok, tiny_data, "test", context=32)
+
+
+def _llama(padded: int | None = None) -> GPT:
+    torch.manual_seed(1)
+    cfg = ModelConfig(name="t", family="llama", vocab_size=300, padded_vocab_size=padded, block_size=32, n_layer=2,
+                      n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64, bias=False, tie_embeddings=True)
+    return GPT(cfg).eval()
+
+
+class _WrappedHead(torch.nn.Module):  # a head that is not a plain nn.Linear (as LoRA or a quantized head is)
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.rows = 0
+
+    def forward(self, x):
+        self.rows += x.reshape(-1, x.shape[-1]).shape[0]
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama-padded", "bf16-weights", "bf16-autocast", "wrapped-head"])
+def test_per_token_losses_equal_cross_entropy_of_the_logits_and_skip_unscored_rows(kind, monkeypatch):
+    """forward(reduction="none"): each scored target's cross-entropy as F.cross_entropy of the full
+    logits gives it, in chunks (here of 5 or 20 rows, so several), the head only on the scored positions."""
+    import pocketlm.model as model_module
+
+    monkeypatch.setattr(model_module, "_SCORE_ROWS", 5)
+    model = small_gpt() if kind == "gpt2" else _llama(320 if kind == "llama-padded" else None)
+    if kind == "bf16-weights":
+        model.to(torch.bfloat16)
+    if kind == "wrapped-head":
+        model.lm_head = _WrappedHead(model.lm_head)
+    vocab = model.config.vocab_size
+    torch.manual_seed(2)
+    x = torch.randint(0, vocab, (3, 12))
+    targets = torch.randint(0, vocab, (3, 12))
+    targets[0, :4] = -100  # context only
+    targets[2, :11] = -100
+    scored = targets != -100
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "bf16-autocast")
+    with torch.no_grad(), autocast:
+        logits, _ = model(x)
+        _, nll = model(x, targets, return_logits=False, reduction="none")
+        mean = model(x, targets, return_logits=False)[1]
+    assert logits.shape[-1] == vocab and nll.shape == targets.shape and nll.dtype == torch.float32
+    expected = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(3, 12)
+    torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-5)
+    assert (nll[~scored] == 0).all() and (nll[scored] > 0).all()
+    torch.testing.assert_close(nll[scored].mean(), mean.float(), rtol=2e-3, atol=2e-3)  # the training loss too
+    if kind == "wrapped-head":
+        model.lm_head.rows = 0
+        with torch.no_grad():
+            model(x, targets, return_logits=False, reduction="none")
+        assert model.lm_head.rows == int(scored.sum())
+    else:  # the plain head: one (rows x vocab) matmul per chunk of scored positions, nothing more
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class HeadRows(TorchDispatchMode):
+            rows: list[int] = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func is torch.ops.aten.mm.out and out.shape[-1] == vocab:
+                    self.rows.append(out.shape[0])
+                return out
+
+        with torch.no_grad(), autocast, HeadRows() as seen:
+            model(x, targets, return_logits=False, reduction="none")
+        assert sum(seen.rows) == int(scored.sum()) and len(seen.rows) > 1
+
+
+def test_scoring_runs_the_head_only_on_scored_tokens(tok):
+    """Windows that overlap (stride < context) score their last `stride` tokens: the head sees only those."""
+    model = small_gpt()
+    model.lm_head = _WrappedHead(model.lm_head)
+    ids = tok.encode(TEXT)[:40]
+    nll, _ = score_tokens(model, ids, prefix=tok.eos_id, context=16, stride=4, batch_size=3)
+    assert model.lm_head.rows == len(ids) == nll.numel()  # each token through the head once, not 16 / 4 times

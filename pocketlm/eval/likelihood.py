@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from pocketlm.device import model_device
 from pocketlm.errors import UserError
+from pocketlm.model import GPT
 
 DEFAULT_MAX_CONTEXT = 2048  # default window: the model's context, capped (long contexts are slow on CPU)
 
@@ -117,15 +118,24 @@ def score_tokens(model, tokens, *, prefix: int | None = None, context: int | Non
         for start in range(0, len(windows), batch_size):
             group = windows[start:start + batch_size]
             inputs = torch.stack([seq[b:e] for b, e, _ in group]).to(device)
-            targets = torch.stack([seq[b + 1:e + 1] for b, e, _ in group]).to(device)
+            targets = torch.stack([seq[b + 1:e + 1] for b, e, _ in group])
+            for row, (b, e, n) in enumerate(group):
+                targets[row, : e - b - n] = -100  # context only: the head need not run there
             with _autocast(device, precision):
-                logits, _ = model(inputs)
-            losses = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").double().cpu()
+                losses = _token_losses(model, inputs, targets.to(device)).double().cpu()
             for row, (_, e, n) in enumerate(group):
                 nll[e - n:e] = losses[row, -n:]
     finally:
         model.train(was_training)
     return nll, len(windows)
+
+
+def _token_losses(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each target's cross-entropy (B, T), fp32; -100 targets are not scored."""
+    if isinstance(model, GPT):  # the head only where scored, in chunks: no (tokens x vocab) logits
+        return model(inputs, targets, return_logits=False, reduction="none")[1]
+    logits = model(inputs)[0]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
 def _result(nll: torch.Tensor, n_bytes: int | None, windows: int, context: int, stride: int) -> LikelihoodResult:
