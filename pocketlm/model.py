@@ -515,18 +515,20 @@ class GPT(nn.Module):
 
     def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """lm_head + cross-entropy through _LMHeadLoss: the same numbers as the plain path, less memory."""
+        x, weight = self._head_operands(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return _LMHeadLoss.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1),
+                                     torch.is_grad_enabled())
+
+    def _head_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x and the plain head's weight without padding rows, cast as autocast would cast lm_head's inputs."""
         weight = self.lm_head.weight
         if weight.shape[0] > self.config.vocab_size:  # padding rows never become logits
             weight = weight[: self.config.vocab_size]
-        kind = x.device.type
-        dtype = autocast_dtype(kind)
-        if dtype is not None:  # cast as autocast would cast lm_head's inputs
-            x, weight = x.to(dtype), weight.to(dtype)
-        elif x.dtype != weight.dtype:
-            x = x.to(weight.dtype)
-        with torch.autocast(kind, enabled=False):
-            return _LMHeadLoss.apply(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1),
-                                     torch.is_grad_enabled())
+        dtype = autocast_dtype(x.device.type)
+        if dtype is not None:
+            return x.to(dtype), weight.to(dtype)
+        return (x if x.dtype == weight.dtype else x.to(weight.dtype)), weight
 
     @torch.no_grad()
     def _token_nll(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -546,15 +548,9 @@ class GPT(nn.Module):
         if scored.numel() == 0:
             return nll.view(targets.shape)
         vocab = self.config.vocab_size
-        head = self.lm_head
-        plain = type(head) is nn.Linear and head.bias is None  # else the head module runs on each chunk
-        weight = head.weight[:vocab] if plain else None
+        plain = type(self.lm_head) is nn.Linear and self.lm_head.bias is None  # else the module runs per chunk
         if plain:
-            dtype = autocast_dtype(x.device.type)
-            if dtype is not None:  # cast as autocast would cast lm_head's inputs
-                flat, weight = flat.to(dtype), weight.to(dtype)
-            elif flat.dtype != weight.dtype:
-                flat = flat.to(weight.dtype)
+            flat, weight = self._head_operands(flat)
         rows = _SCORE_ROWS if flat.dtype != torch.float32 else 4 * _SCORE_ROWS  # fp32 GEMMs want more rows
         rows = min(scored.numel(), rows * (16 if x.device.type == "cuda" else 1))
         high = torch.empty(rows, vocab, dtype=torch.float32, device=x.device)
@@ -565,10 +561,10 @@ class GPT(nn.Module):
             if plain:
                 with torch.autocast(x.device.type, enabled=False):
                     logits = torch.mm(flat[index], weight.t(), out=low[:n])
+                if low is not high:
+                    logits = high[:n].copy_(logits)
             else:
-                logits = head(flat[index])[:, :vocab]
-            if logits.data_ptr() != high.data_ptr():
-                logits = high[:n].copy_(logits)
+                logits = self.lm_head(flat[index])[:, :vocab].float()
             nll[index] = F.cross_entropy(logits, tgt[index], reduction="none")
         return nll.view(targets.shape)
 
