@@ -24,17 +24,16 @@ def _interrupted() -> None:
 
 def run() -> None:
     """The console script's entry point (and `python -m pocketlm`'s)."""
+    if hasattr(signal, "pthread_sigmask"):
+        # Hold Ctrl-C back while modules import; pocketlm.cli.main lets it through once its handlers are in
+        # place. One landing inside an import is worse than a traceback: inside torch's C++ start-up it aborts
+        # (exit -6), and inside code Python runs with exec (dataclasses, namedtuple) it makes the interpreter
+        # exit -2 whatever the handler then says. (Across the allocator restart it stays held: the mask and a
+        # pending signal survive exec.)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        import os
-
-        from pocketlm.memory import REEXEC_MARK
-
-        if os.environ.get(REEXEC_MARK) and hasattr(signal, "pthread_sigmask"):
-            # The allocator restart (pocketlm.memory) holds Ctrl-C back across exec, so that one pressed
-            # while this interpreter started is not a traceback: it arrives now, where we catch it.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         from pocketlm.cli import main
-    except KeyboardInterrupt:  # Ctrl-C while the command is still importing
+    except KeyboardInterrupt:  # where signals cannot be held back
         _interrupted()
     try:
         main()

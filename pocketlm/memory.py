@@ -170,13 +170,12 @@ def reexec_with_tcmalloc(argv: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    # Hold Ctrl-C back across exec (the mask and a pending signal survive it): pocketlm/__main__.py lets it
+    # Hold Ctrl-C back across exec (the mask and a pending signal survive it): pocketlm.cli.main lets it
     # through once it can turn it into one line, instead of a traceback from the interpreter's start-up.
     blocked = hasattr(signal, "pthread_sigmask")
-    if blocked:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocked else None
     try:
         os.execve(sys.executable, [sys.executable, "-m", "pocketlm", *argv], env)
-    finally:  # exec failed (it does not return otherwise)
+    finally:  # exec failed (it does not return otherwise): the mask as it was (pocketlm.__main__ may hold it)
         if blocked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import signal
 import sys
 
 from pocketlm.errors import UserError
@@ -103,6 +104,13 @@ def _fail(command: str, message: str, status: int = 2) -> None:
     sys.exit(status)
 
 
+def release_ctrl_c() -> None:
+    """Let Ctrl-C through: pocketlm.__main__ holds it back while modules import (see there), and one pressed
+    meanwhile arrives here, as a KeyboardInterrupt the caller turns into `pocketlm CMD: interrupted`."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] in _HEAVY_COMMANDS:
         try:  # from a shell: restart once with tcmalloc preloaded where installed (POCKETLM_ALLOCATOR)
@@ -124,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         tune_allocator()  # reuse freed memory instead of page-faulting it back each step (POCKETLM_ALLOCATOR)
+        if args.command in _HEAVY_COMMANDS:  # every one imports torch: now, while Ctrl-C is held back
+            import torch  # noqa: F401
+        release_ctrl_c()
         args.func(args)
     except UserError as exc:
         _fail(args.command, f"error: {exc}")

@@ -141,3 +141,27 @@ def test_ctrl_c_held_back_across_the_allocator_restart_is_one_line(tmp_path):
     result = Result(p.returncode, p.stdout, p.stderr)
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     assert result.rc == 130 and result.last_err_line == "pocketlm models: interrupted", (p.returncode, p.stderr)
+
+
+def test_ctrl_c_is_held_back_until_the_command_has_imported_torch(tmp_path):
+    """A Ctrl-C landing inside an import aborts (torch's C++ start-up: exit -6) or makes Python exit -2 whatever
+    the handler says (code run through exec, as dataclasses does). The command line holds it back until the
+    command's modules and torch are imported, and lets it through where it becomes one line."""
+    code = ("import signal, sys\n"
+            "import pocketlm.cli as cli\n"
+            "seen, real = {}, cli.release_ctrl_c\n"
+            "def release():\n"
+            "    seen['held'] = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+            "    seen['imported'] = 'torch' in sys.modules and 'pocketlm.cli.prepare' in sys.modules\n"
+            "    real()\n"
+            "    seen['released'] = signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+            "cli.release_ctrl_c = release\n"
+            "from pocketlm.__main__ import run\n"
+            f"sys.argv = ['pocketlm', 'prepare', {str(tmp_path / 'missing.txt')!r}, '--out', {str(tmp_path / 'd')!r}]\n"
+            "try:\n"
+            "    run()\n"
+            "except SystemExit as exc:\n"
+            "    print(exc.code, sorted(seen.items()))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env=dict(env(), POCKETLM_ALLOCATOR="glibc"), preexec_fn=default_ctrl_c)
+    assert p.stdout.strip() == "2 [('held', True), ('imported', True), ('released', True)]", (p.stdout, p.stderr)
